@@ -1,0 +1,65 @@
+// The one pybind11 module. Kernels take raw pointers (tensor.data_ptr()), sizes and strides, so the
+// extension never links libtorch; biogen/ops/*.py checks tensors, allocates outputs and registers
+// each kernel as a torch custom op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "biogen/common.h"
+#include "biogen/cpu_dispatch.h"
+
+namespace py = pybind11;
+
+#ifndef BIOGEN_VERSION
+#define BIOGEN_VERSION ""
+#endif
+
+#ifdef BIOGEN_WITH_CUDA
+namespace biogen::cuda {
+// Defined in csrc/cuda/runtime.cu: (device count, error string if the runtime could not be queried).
+std::pair<int, std::string> device_count();
+}  // namespace biogen::cuda
+#endif
+
+static py::dict build_info() {
+  py::dict d;
+  d["version"] = BIOGEN_VERSION;
+  d["compiler"] = BIOGEN_COMPILER;
+  d["cpu_capabilities_compiled"] = std::string(BIOGEN_CPU_CAPS);
+  d["cpu_capability_hardware"] = biogen::cpu_capability_name(biogen::cpu_capability_hardware());
+  d["cpu_capability"] = biogen::cpu_capability_name(biogen::cpu_capability());
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["openmp_max_threads"] = 1;
+#endif
+#ifdef BIOGEN_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(BIOGEN_CUDA_ARCHS);
+  d["cuda_version"] = std::string(BIOGEN_CUDA_VERSION);
+  auto [n, err] = biogen::cuda::device_count();
+  d["cuda_device_count"] = n;
+  d["cuda_runtime_error"] = err;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+  d["cuda_version"] = std::string();
+  d["cuda_device_count"] = 0;
+  d["cuda_runtime_error"] = std::string("built without a CUDA compiler");
+#endif
+  return d;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "biogen compiled kernels (CPU: OpenMP + SIMD; CUDA where built)";
+  m.def("build_info", &build_info, "What this extension was compiled with and what it finds at run time.");
+  // --- kernels: one block per op, declared in their csrc/cpu and csrc/cuda files ---
+}

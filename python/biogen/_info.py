@@ -1,0 +1,59 @@
+"""``biogen.info()`` / ``biogen info``: what was built and what can run here."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from ._version import __version__
+
+
+def info() -> dict:
+    """Version, what the extension was compiled with, and each backend's availability.
+
+    ``backends[device][name]`` is a list of reasons the backend cannot run on that device (empty:
+    available).
+    """
+    from .ops import _runtime
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "build": _runtime.build_info(),
+        "backends": {d: _runtime.available_backends(d) for d in devices},
+        "cuda_reason": None if torch.cuda.is_available() else "torch.cuda.is_available() is False",
+    }
+
+
+def format_info(d: dict) -> str:
+    b = d["build"]
+    lines = [f"biogen {d['version']}  (python {d['python']}, torch {d['torch']})"]
+    if "error" in b:
+        lines.append(f"extension: NOT AVAILABLE: {b['error']}")
+    else:
+        lines += [
+            f"extension: compiled with {b['compiler']}",
+            f"  CPU SIMD levels compiled: {b['cpu_capabilities_compiled']}; "
+            f"this CPU supports {b['cpu_capability_hardware']}; in use: {b['cpu_capability']}",
+            f"  OpenMP: {'yes' if b['openmp'] else 'no'} (max threads {b['openmp_max_threads']}; "
+            f"kernels use torch.get_num_threads() = {d['torch_threads']})",
+            "  CUDA: "
+            + (
+                f"compiled for sm_{b['cuda_archs'].replace(',', ', sm_')} with CUDA {b['cuda_version']}; "
+                f"{b['cuda_device_count']} device(s) visible"
+                + (f" ({b['cuda_runtime_error']})" if b["cuda_runtime_error"] else "")
+                if b["cuda"]
+                else "not compiled (" + b["cuda_runtime_error"] + ")"
+            ),
+        ]
+    if d["cuda_reason"]:
+        lines.append(f"GPU: none usable ({d['cuda_reason']})")
+    for dev, backends in d["backends"].items():
+        lines.append(f"backends for {dev} tensors:")
+        for name, reasons in backends.items():
+            lines.append(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    return "\n".join(lines)
