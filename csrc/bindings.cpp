@@ -13,6 +13,9 @@
 
 #include "biogen/common.h"
 #include "biogen/cpu_dispatch.h"
+#ifdef BIOGEN_WITH_CUDA
+#include "biogen/masked_attention_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -62,4 +65,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "biogen compiled kernels (CPU: OpenMP + SIMD; CUDA where built)";
   m.def("build_info", &build_info, "What this extension was compiled with and what it finds at run time.");
   // --- kernels: one block per op, declared in their csrc/cpu and csrc/cuda files ---
+
+  // masked gene attention, CUDA (csrc/cuda/masked_attention.cu). Launches are asynchronous on the
+  // given stream; the GIL is released while the host side runs.
+#ifdef BIOGEN_WITH_CUDA
+  m.def("masked_attention_fwd_cuda", &biogen::cuda::masked_attention_fwd, py::call_guard<py::gil_scoped_release>(),
+        "Masked gene attention forward on CUDA: writes out (B,H,L,D) and lse (B,H,L) float32.");
+  m.def("masked_attention_bwd_cuda", &biogen::cuda::masked_attention_bwd, py::call_guard<py::gil_scoped_release>(),
+        "Masked gene attention backward on CUDA: writes dq, dk, dv (B,H,L,D) float32.");
+#endif
 }
