@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .._runtime import triton_interpret
 
@@ -277,13 +278,37 @@ def _plan(q: torch.Tensor, kpm: Optional[torch.Tensor], known: Optional[torch.Te
     return qidx, qcnt, kidx, kcnt, unk
 
 
-def _blocks(dp: int) -> tuple[int, int, int]:
-    """(query tile, key tile, warps). The interpreter runs numpy per tile: smallest legal tiles."""
+def _configs(dp: int, backward: bool) -> list[tuple[int, int, int, int]]:
+    """(query tile, key tile, warps, stages), preferred first; smaller ones are the fallback when a
+    GPU has too little shared memory. The interpreter runs numpy per tile: smallest legal tiles."""
     if triton_interpret():
-        return 16, 16, 1
-    if dp <= 64:
-        return 64, 64, 4
-    return 64, 32, 4
+        return [(16, 16, 1, 1)]
+    if backward:
+        big = [(64, 64, 4, 2)] if dp <= 64 else [(32, 32, 4, 2)]
+    else:
+        big = [(64, 64, 4, 3)] if dp <= 64 else [(64, 32, 4, 3)]
+    return big + [(32, 32, 4, 1), (16, 16, 4, 1)]
+
+
+_CHOSEN: dict = {}
+
+
+def _launch(name: str, dp: int, dtype: torch.dtype, backward: bool, run) -> None:
+    """Calls ``run(BM, BN, warps, stages)`` with the first config this GPU can hold, remembered."""
+    key = (name, dp, dtype, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+    if key in _CHOSEN:
+        run(*_CHOSEN[key])
+        return
+    configs = _configs(dp, backward)
+    for i, cfg in enumerate(configs):
+        try:
+            run(*cfg)
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _CHOSEN[key] = cfg
+        return
 
 
 def _head_pad(D: int) -> int:
@@ -304,13 +329,16 @@ def forward(q, k, v, key_padding_mask, known, scale):
     out = torch.zeros((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
     DP = _head_pad(D)
-    BM, BN, warps = _blocks(DP)
-    grid = (triton.cdiv(L, BM), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
-        *q.stride(), *k.stride(), *v.stride(), H, L, D, float(scale),
-        BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=_prec(q.dtype), num_warps=warps,
-    )
+
+    def run(BM, BN, warps, stages):
+        _fwd_kernel[(triton.cdiv(L, BM), B * H)](
+            q, k, v, out, lse, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
+            *q.stride(), *k.stride(), *v.stride(), H, L, D, float(scale),
+            BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=_prec(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+
+    _launch("fwd", DP, q.dtype, False, run)
     return out, lse
 
 
@@ -320,12 +348,11 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
     qidx, qcnt, kidx, kcnt, unk = _plan(q, key_padding_mask, known)
     lse = lse.contiguous()
     DP = _head_pad(D)
-    BM, BN, warps = _blocks(DP)
     delta = torch.zeros((B, H, L), dtype=torch.float32, device=q.device)
-    grid_m = (triton.cdiv(L, BM), B * H)
-    _bwd_delta_kernel[grid_m](
+    BMD = 16 if triton_interpret() else 64
+    _bwd_delta_kernel[(triton.cdiv(L, BMD), B * H)](
         out, grad_out, delta, qidx, qcnt, *out.stride(), *grad_out.stride(), H, L, D,
-        BM=BM, DP=DP, num_warps=warps,
+        BM=BMD, DP=DP, num_warps=1 if triton_interpret() else 4,
     )
     # Rows nobody writes (padding) stay zero.
     dq = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
@@ -333,13 +360,22 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
     dv = torch.zeros_like(dq)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     prec = _prec(q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](
-        q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, kidx, kcnt,
-        *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, PREC=prec, num_warps=warps,
-    )
-    _bwd_dq_kernel[grid_m](
-        q, k, v, grad_out, lse, delta, dq, dk, dv, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
-        *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=prec,
-        num_warps=warps,
-    )
+
+    def run_dkdv(BM, BN, warps, stages):
+        _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](
+            q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, kidx, kcnt,
+            *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, PREC=prec,
+            num_warps=warps, num_stages=stages,
+        )
+
+    def run_dq(BM, BN, warps, stages):
+        _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
+            q, k, v, grad_out, lse, delta, dq, dk, dv, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
+            *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=prec,
+            num_warps=warps, num_stages=stages,
+        )
+
+    # dk/dv rows of known keys come from the dK/dV kernel, those of unknown keys from the dQ kernel.
+    _launch("dkdv", DP, q.dtype, True, run_dkdv)
+    _launch("dq", DP, q.dtype, True, run_dq)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
