@@ -20,6 +20,7 @@ gradient from its own query only, so no other program touches those rows).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -293,9 +294,9 @@ def _configs(dp: int, backward: bool) -> list[tuple[int, int, int, int]]:
 _CHOSEN: dict = {}
 
 
-def _launch(name: str, dp: int, dtype: torch.dtype, backward: bool, run) -> None:
-    """Calls ``run(BM, BN, warps, stages)`` with the first config this GPU can hold, remembered."""
-    key = (name, dp, dtype, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+def _launch(name: str, dp: int, t: torch.Tensor, backward: bool, run) -> None:
+    """Calls ``run(BM, BN, warps, stages)`` with the first config t's GPU can hold, remembered."""
+    key = (name, dp, t.dtype, t.device)
     if key in _CHOSEN:
         run(*_CHOSEN[key])
         return
@@ -309,6 +310,11 @@ def _launch(name: str, dp: int, dtype: torch.dtype, backward: bool, run) -> None
             continue
         _CHOSEN[key] = cfg
         return
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _head_pad(D: int) -> int:
@@ -338,7 +344,8 @@ def forward(q, k, v, key_padding_mask, known, scale):
             num_warps=warps, num_stages=stages,
         )
 
-    _launch("fwd", DP, q.dtype, False, run)
+    with _device_of(q):
+        _launch("fwd", DP, q, False, run)
     return out, lse
 
 
@@ -350,10 +357,11 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
     DP = _head_pad(D)
     delta = torch.zeros((B, H, L), dtype=torch.float32, device=q.device)
     BMD = 16 if triton_interpret() else 64
-    _bwd_delta_kernel[(triton.cdiv(L, BMD), B * H)](
-        out, grad_out, delta, qidx, qcnt, *out.stride(), *grad_out.stride(), H, L, D,
-        BM=BMD, DP=DP, num_warps=1 if triton_interpret() else 4,
-    )
+    with _device_of(q):
+        _bwd_delta_kernel[(triton.cdiv(L, BMD), B * H)](
+            out, grad_out, delta, qidx, qcnt, *out.stride(), *grad_out.stride(), H, L, D,
+            BM=BMD, DP=DP, num_warps=1 if triton_interpret() else 4,
+        )
     # Rows nobody writes (padding) stay zero.
     dq = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
     dk = torch.zeros_like(dq)
@@ -376,6 +384,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
         )
 
     # dk/dv rows of known keys come from the dK/dV kernel, those of unknown keys from the dQ kernel.
-    _launch("dkdv", DP, q.dtype, True, run_dkdv)
-    _launch("dq", DP, q.dtype, True, run_dq)
+    with _device_of(q):
+        _launch("dkdv", DP, q, True, run_dkdv)
+        _launch("dq", DP, q, True, run_dq)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
