@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 # Modules that contribute subcommands: each defines add_cli(subparsers) and sets a ``func`` default
 # on its parsers taking the parsed args and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck", "biogen.models.tumorsynth_cli")
 
 
 class CLIError(Exception):
@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+    except (CLIError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"biogen {args.command}: error: {msg}", file=sys.stderr)
         return 2
