@@ -133,7 +133,7 @@ class ScGPTDataset(Dataset):
             raise IndexError(f"cell index {i} out of range for {n} cells")
         i = int(i) % n
         row = _rows_csr(self.matrix, i, i + 1)
-        tok = self.tokenizer.tokenize_row(row, self.cols, self.col_ids, i, self.epoch)
+        tok = self.tokenizer.tokenize_block(row, self.cols, self.col_ids, i, self.epoch)[0]
         return self._mask(tok, i)
 
     def _mask(self, tok: dict, i: int) -> dict:
