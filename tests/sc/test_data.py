@@ -132,3 +132,12 @@ def test_bad_args(small_adata):
         ScGPTDataset(small_adata, v, input_style="log")
     with pytest.raises(IndexError):
         ScGPTDataset(small_adata, v)[200]
+
+
+def test_gene_mapping_and_low_overlap(small_adata):
+    v = GeneVocab(list(small_adata.var_names[:90]))
+    ds = ScGPTDataset(small_adata, v)
+    assert ds.gene_mapping.n_known == 90 and len(ds.gene_mapping.missing) == 30
+    assert set(ds[0]["gene_ids"][1:]) <= set(range(3, 93))
+    with pytest.raises(ValueError, match="only 10 of 120"):
+        ScGPTDataset(small_adata, GeneVocab(list(small_adata.var_names[:10])))

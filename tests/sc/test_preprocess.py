@@ -96,3 +96,15 @@ def test_backed_input_not_modified(small_adata, tmp_path):
     finally:
         backed.file.close()
     np.testing.assert_array_equal(ad.read_h5ad(path).X.toarray(), small_adata.X.toarray())
+
+
+def test_seurat_v3_on_counts(small_adata):
+    import importlib.util
+
+    if importlib.util.find_spec("skmisc") is None:
+        with pytest.raises(ImportError, match="scikit-misc"):
+            preprocess(small_adata, n_top_genes=20, hvg_flavor="seurat_v3")
+        assert preprocess(small_adata, n_top_genes=20).uns["biogen_preprocess"]["hvg_flavor"] == "cell_ranger"
+    else:
+        out = preprocess(small_adata, n_top_genes=20, hvg_flavor="seurat_v3")
+        assert out.n_vars == 20 and out.uns["biogen_preprocess"]["hvg_flavor"] == "seurat_v3"

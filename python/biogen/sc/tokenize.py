@@ -107,11 +107,17 @@ class ScGPTTokenizer:
         self.include_zero_genes = bool(include_zero_genes)
         self.seed = int(seed)
         self.min_overlap = min_overlap
+        self.last_mapping = None
 
     # --- gene mapping ----------------------------------------------------------------------------
     def column_ids(self, gene_names) -> tuple[np.ndarray, np.ndarray]:
-        """Vocabulary mapping of a matrix's columns: (known column indices, their token ids)."""
+        """Vocabulary mapping of a matrix's columns: (known column indices, their token ids).
+
+        The full :class:`~biogen.sc.vocab.GeneMapping` (counts of known / missing genes) is kept in
+        ``self.last_mapping``.
+        """
         mapping = self.vocab.map_genes(gene_names, min_overlap=self.min_overlap)
+        self.last_mapping = mapping
         cols = np.flatnonzero(mapping.known)
         return cols, mapping.ids[cols]
 
