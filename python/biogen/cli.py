@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 # Modules that contribute subcommands: each defines add_cli(subparsers) and sets a ``func`` default
 # on its parsers taking the parsed args and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck", "biogen.tabular.cli")
 
 
 class CLIError(Exception):
