@@ -96,8 +96,10 @@ def fit_l1_poisson(
         if step <= tol * (1.0 + np.max(np.abs(x_new))):
             x = x_new
             break
-        if F_new > fx:  # adaptive restart keeps FISTA monotone enough to converge on ill-posed data
-            z, t_k = x.copy(), 1.0
+        if F_new > fx:
+            if t_k == 1.0:  # a plain proximal step from x went up: x is optimal to rounding error
+                break
+            z, t_k = x.copy(), 1.0  # adaptive restart keeps FISTA monotone on ill-conditioned data
             continue
         t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t_k * t_k))
         z = x_new + ((t_k - 1.0) / t_next) * (x_new - x)
@@ -220,6 +222,7 @@ def l1_poisson_cv(
     if lmax <= 0:
         raise TabularInputError("the outcome does not vary with any feature (lambda_max = 0)")
     lambdas = lmax * np.logspace(0, np.log10(lambda_min_ratio), n_lambdas)
+    lambdas[0] *= 1.0 + 1e-9  # exactly at lambda_max rounding can leave a ~1e-14 coefficient "selected"
 
     def run_path(idx):
         coefs, out = None, np.empty((n_lambdas, p + 1))
@@ -267,5 +270,6 @@ def l1_poisson_cv(
     return L1PoissonResult(
         features=features, lambdas=lambdas, cv_mean=cv_mean, cv_se=cv_se,
         lambda_min=float(lambdas[i_min]), lambda_1se=float(lambdas[i_1se]), lam=lam, rule=rule,
-        intercept=float(b0), coef=coef + 0.0,  # + 0.0 turns -0.0 into 0.0 for the tables mean=mean, scale=scale, path=full[:, 1:], boot_coef=boot,
+        # + 0.0 turns -0.0 into 0.0 for the tables
+        intercept=float(b0), coef=coef + 0.0, mean=mean, scale=scale, path=full[:, 1:], boot_coef=boot,
     )
