@@ -263,7 +263,8 @@ def _write_outputs(r: AnalysisResult, out: Path) -> list:
     cfg = r.config
     md = [f"# Multifactorial analysis of `{cfg.outcome}`", ""]
     n, p = r.data.X.shape
-    md += [f"{n} rows, {p} candidate explanatory columns"
+    n_model = len(r.l1.features)
+    md += [f"{n} rows, {p} explanatory columns ({n_model} model variables after the factor analysis)"
            + (f", exposure `{cfg.exposure}` (models the rate per unit exposure)" if cfg.exposure else "") + ".", ""]
     if r.join is not None:
         w.csv("join_unmatched.csv", r.join.unmatched)
