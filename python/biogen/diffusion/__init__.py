@@ -1,0 +1,27 @@
+"""Diffusion noise schedules, samplers (step maths) and sampling loops."""
+
+from .schedulers import (
+    DDIMConfig,
+    DDIMScheduler,
+    DDPMConfig,
+    DDPMScheduler,
+    DPMSolverConfig,
+    DPMSolverMultistepScheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    betas_for_schedule,
+    make_scheduler,
+)
+
+__all__ = [
+    "DDIMConfig",
+    "DDIMScheduler",
+    "DDPMConfig",
+    "DDPMScheduler",
+    "DPMSolverConfig",
+    "DPMSolverMultistepScheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "betas_for_schedule",
+    "make_scheduler",
+]
