@@ -1,5 +1,7 @@
 """Diffusion noise schedules, samplers (step maths) and sampling loops."""
 
+from .sampling import cfg_forward, sample
+
 from .schedulers import (
     DDIMConfig,
     DDIMScheduler,
@@ -23,5 +25,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "betas_for_schedule",
+    "cfg_forward",
     "make_scheduler",
+    "sample",
 ]
