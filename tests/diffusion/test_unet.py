@@ -191,6 +191,5 @@ def test_unet_training_reduces_denoising_loss():
         loss.backward()
         opt.step()
     after = eval_loss()
-    # measured: before ~1.0 (zero-initialised output), after ~0.1
-    print("LOSS", before, after)
+    # measured: before 0.99 (the zero-initialised output predicts 0), after 80 steps 0.12
     assert after < 0.4 * before, (before, after)
