@@ -8,9 +8,11 @@ from .unet import (
     SelfAttention,
     TimestepEmbedding,
     UNet,
+    UNET_PRESETS,
     UNetConfig,
     Upsample,
     timestep_embedding,
+    unet_preset,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "SelfAttention",
     "TimestepEmbedding",
     "UNet",
+    "UNET_PRESETS",
     "UNetConfig",
     "Upsample",
     "timestep_embedding",
+    "unet_preset",
 ]

@@ -32,8 +32,10 @@ __all__ = [
     "SelfAttention",
     "TimestepEmbedding",
     "UNet",
+    "UNET_PRESETS",
     "UNetConfig",
     "Upsample",
+    "unet_preset",
     "timestep_embedding",
 ]
 
@@ -250,6 +252,26 @@ class UNetConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+
+# RNA-CDM's base stage: 64x64 RGB tiles conditioned on the 200-d RNA beta-VAE latent (one token).
+# "rnacdm_base" is GPU-sized; "rnacdm_base_cpu" keeps the topology (4 levels, attention at 16x16 and
+# 8x8, cross-attention to the latent) at a width a laptop CPU samples in seconds per step.
+UNET_PRESETS: dict[str, dict] = {
+    "rnacdm_base": dict(in_channels=3, out_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4),
+                        num_res_blocks=2, attention_levels=(2, 3), num_heads=4, num_groups=32,
+                        dropout=0.1, cond_dim=200, cond_tokens=1),
+    "rnacdm_base_cpu": dict(in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2, 3, 4),
+                            num_res_blocks=1, attention_levels=(2, 3), num_heads=4, num_groups=8,
+                            dropout=0.0, cond_dim=200, cond_tokens=1),
+}
+
+
+def unet_preset(name: str, **overrides) -> UNetConfig:
+    """A :class:`UNetConfig` from :data:`UNET_PRESETS` with optional field overrides."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; choose one of {', '.join(UNET_PRESETS)}")
+    return UNetConfig(**{**UNET_PRESETS[name], **overrides})
 
 
 class _Level(nn.Module):
