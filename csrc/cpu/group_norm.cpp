@@ -266,10 +266,11 @@ void fwd_cl(const typename S::T* x, typename S::T* y, float* mean, float* rstd, 
 //
 // dz = dy act'(z); per (b, c): sdz = sum dz, sdzx = sum dz xhat. Per group, with fw = (1 + scale) w:
 // dx = rstd (fw dz - G1/N - xhat G2/N), G1 = sum_c fw sdz, G2 = sum_c fw sdzx, N = cpg S, which is
-// dx = P_c dz + Q x + R with P_c = rstd fw, Q = -rstd^2 G2/N, R = rstd (mean rstd G2 - G1)/N.
+// dx = P_c dz + Q (x - mean) + R with P_c = rstd fw, Q = -rstd^2 G2/N, R = -rstd G1/N (keeping
+// x - mean rather than folding mean into R avoids a cancellation when |mean| rstd is large).
 
 struct BwdCoef {
-  float P, Q, R;
+  float P, Q, R, M;
 };
 
 inline void group_bwd_coefs(const Params& p, int64_t b, int64_t g, float mean, float rstd, const double* sdz,
@@ -282,10 +283,10 @@ inline void group_bwd_coefs(const Params& p, int64_t b, int64_t g, float mean, f
     G2 += fw * sdzx[c];
   }
   const double N = double(p.cpg) * double(p.S), r = rstd;
-  const float Q = float(-r * r * G2 / N), R = float(r * (double(mean) * r * G2 - G1) / N);
+  const float Q = float(-r * r * G2 / N), R = float(-r * G1 / N);
   for (int64_t c = 0; c < p.cpg; ++c) {
     const int64_t ch = g * p.cpg + c;
-    out[c] = {float(r * p.f(b * p.C + ch) * p.w[ch]), Q, R};
+    out[c] = {float(r * p.f(b * p.C + ch) * p.w[ch]), Q, R, mean};
   }
 }
 
@@ -318,16 +319,16 @@ template <class S, int ACT>
 void bwd_row_dx(const typename S::T* x, const typename S::T* dy, typename S::T* dx, int64_t n, float A, float Bc,
                 BwdCoef k) {
   const v16f va = vbroadcast(A), vb = vbroadcast(Bc), vp = vbroadcast(k.P), vq = vbroadcast(k.Q),
-             vr = vbroadcast(k.R);
+             vr = vbroadcast(k.R), vm = vbroadcast(k.M);
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) {
     const v16f xv = ld<S>(x + i);
     const v16f dz = ld<S>(dy + i) * vdact<ACT>(xv * va + vb);
-    st<S>(dx + i, dz * vp + xv * vq + vr);
+    st<S>(dx + i, dz * vp + (xv - vm) * vq + vr);
   }
   for (; i < n; ++i) {
     const float xv = S::load(x + i), dz = S::load(dy + i) * sdact<ACT>(xv * A + Bc);
-    S::store(dx + i, dz * k.P + xv * k.Q + k.R);
+    S::store(dx + i, dz * k.P + (xv - k.M) * k.Q + k.R);
   }
 }
 
@@ -392,14 +393,14 @@ void bwd_cl(const typename S::T* dy, const typename S::T* x, typename S::T* dx, 
   });
   cl_reduce(p1, B, nchunk, C, sdz);
   cl_reduce(p2, B, nchunk, C, sdzx);
-  std::vector<float> P(size_t(B * C)), Q(size_t(B * C)), R(size_t(B * C));
+  std::vector<float> P(size_t(B * C)), Q(size_t(B * C)), R(size_t(B * C)), M(size_t(B * C));
   std::vector<BwdCoef> k(cpg);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t o = b * C + g * cpg, bg = b * p.G + g;
       group_bwd_coefs(p, b, g, mean[bg], rstd[bg], &sdz[o], &sdzx[o], k.data());
       for (int64_t c = 0; c < cpg; ++c) {
-        P[o + c] = k[c].P; Q[o + c] = k[c].Q; R[o + c] = k[c].R;
+        P[o + c] = k[c].P; Q[o + c] = k[c].Q; R[o + c] = k[c].R; M[o + c] = k[c].M;
         sum_dz[o + c] = float(sdz[o + c]);
         sum_dzx[o + c] = float(sdzx[o + c]);
       }
@@ -412,11 +413,11 @@ void bwd_cl(const typename S::T* dy, const typename S::T* x, typename S::T* dx, 
     for (; c + kVec <= C; c += kVec) {
       const v16f xv = ld<S>(xr + c);
       const v16f dz = ld<S>(gr + c) * vdact<ACT>(xv * vload(&A[o + c]) + vload(&Bc[o + c]));
-      st<S>(dr + c, dz * vload(&P[o + c]) + xv * vload(&Q[o + c]) + vload(&R[o + c]));
+      st<S>(dr + c, dz * vload(&P[o + c]) + (xv - vload(&M[o + c])) * vload(&Q[o + c]) + vload(&R[o + c]));
     }
     for (; c < C; ++c) {
       const float xv = S::load(xr + c), dz = S::load(gr + c) * sdact<ACT>(xv * A[o + c] + Bc[o + c]);
-      S::store(dr + c, dz * P[o + c] + xv * Q[o + c] + R[o + c]);
+      S::store(dr + c, dz * P[o + c] + (xv - M[o + c]) * Q[o + c] + R[o + c]);
     }
   });
 }

@@ -244,7 +244,7 @@ def sampler_step_ref(
     if prediction_type == "epsilon":
         x0 = (x - s * m) / a
     elif prediction_type == "sample":
-        x0 = m
+        x0 = m.clone()  # never return (an alias of) an input
     elif prediction_type == "v_prediction":
         x0 = a * x - s * m
     else:
