@@ -193,3 +193,23 @@ def test_unet_training_reduces_denoising_loss():
     after = eval_loss()
     # measured: before 0.99 (the zero-initialised output predicts 0), after 80 steps 0.12
     assert after < 0.4 * before, (before, after)
+
+
+def test_presets_and_sample_argument_errors():
+    from biogen.nn import UNET_PRESETS, unet_preset
+
+    for name in UNET_PRESETS:
+        cfg = unet_preset(name)
+        assert cfg.cond_dim == 200 and cfg.downsample_factor == 8  # RNA latent, 64x64 -> 8x8
+    assert unet_preset("rnacdm_base_cpu", base_channels=8).base_channels == 8
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        unet_preset("imagen")
+    u = UNet(**TINY, cond_dim=4)
+    with pytest.raises(ValueError, match="needs cond"):
+        sample(u, DDIMScheduler(), (1, 1, 8, 8), guidance_scale=2.0, steps=2, progress=False)
+    with pytest.raises(ValueError, match="dynamic_threshold"):
+        sample(u, DDIMScheduler(), (1, 1, 8, 8), dynamic_threshold=1.5, steps=2, progress=False)
+    with pytest.raises(ValueError, match="eta is a DDIM option"):
+        sample(u, DDPMScheduler(), (1, 1, 8, 8), eta=0.5, steps=2, progress=False)
+    with pytest.raises(ValueError, match="batch"):
+        sample(u, DDIMScheduler(), (2, 1, 8, 8), cond=torch.randn(3, 4), steps=2, progress=False)
