@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 # Modules that contribute subcommands: each defines add_cli(subparsers) and sets a ``func`` default
 # on its parsers taking the parsed args and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck", "biogen.models.tumorsynth_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck", "biogen.models.tumorsynth_cli", "biogen.models.pumamednet_cli")
 
 
 class CLIError(Exception):

@@ -639,6 +639,12 @@ def _overlay(images: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
     return out.transpose(0, 3, 1, 2) * 2 - 1
 
 
+def _up(x, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling (n, c, s, s) so that small images stay legible in the PNG grids."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    return (x if factor == 1 else x.repeat_interleave(factor, -1).repeat_interleave(factor, -2)).numpy()
+
+
 def explain(model: PumaMedNet, images: torch.Tensor, out_dir: str | Path, *, n_images: int = 8,
             n_steps: int = 7, top_k: int = 6, gen: Optional[torch.Generator] = None) -> dict:
     """Write explanation PNG grids into ``out_dir`` and return what they show.
@@ -648,11 +654,15 @@ def explain(model: PumaMedNet, images: torch.Tensor, out_dir: str | Path, *, n_i
     - ``classifier_direction.png``: up to 4 images moved along the classifier's mean direction from
       class 0 to class 1 (the gradient of ``logit[1] - logit[0]``), one row each.
     - ``attention.png``: input images and their attention weight maps.
+
+    Images smaller than 128 px are upscaled (nearest neighbour) by ``128 // image_size`` in the grids.
     """
     from ..data.images import save_grid
 
+    model.check_images(images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    f = max(1, 128 // model.cfg.image_size)
     model.eval()
     gen = gen or torch.Generator().manual_seed(model.cfg.seed + 2)
     x = images[:n_images]
@@ -660,11 +670,11 @@ def explain(model: PumaMedNet, images: torch.Tensor, out_dir: str | Path, *, n_i
         pair = corrupt(x, replace(model.cfg, rotate_deg=0.0, p_hflip=0.0, p_vflip=0.0, perspective=0.0), gen)
         rec = model.reconstruct(pair.inputs)
     rows = torch.stack([x, pair.inputs, rec], 1).reshape(-1, *x.shape[1:])
-    save_grid(rows.cpu().numpy(), out / "reconstructions.png", nrow=3)
+    save_grid(_up(rows, f), out / "reconstructions.png", nrow=3)
     dims, imp = classifier_directions(model, images)
     k = min(top_k, model.cfg.latent_dim)
     trav = latent_traversal(model, images[0], dims[:k], n_steps=n_steps)
-    save_grid(trav.reshape(-1, *trav.shape[2:]).cpu().numpy(), out / "traversals.png", nrow=n_steps)
+    save_grid(_up(trav.reshape(-1, *trav.shape[2:]), f), out / "traversals.png", nrow=n_steps)
     with torch.no_grad():
         mu = model.latent_mean(images)
         d = _contrast_grad(model, mu).mean(0)
@@ -676,15 +686,16 @@ def explain(model: PumaMedNet, images: torch.Tensor, out_dir: str | Path, *, n_i
         dir_imgs = model.decoder(z.reshape(-1, z.shape[-1]))
         dir_pred = model.classifier(z.reshape(-1, z.shape[-1])).argmax(-1).reshape(len(base), n_steps)
         att = model.attention_weights(x)
-    save_grid(dir_imgs.cpu().numpy(), out / "classifier_direction.png", nrow=n_steps)
+    save_grid(_up(dir_imgs, f), out / "classifier_direction.png", nrow=n_steps)
     att_rows = np.concatenate([x.cpu().numpy().repeat(3 // x.shape[1], 1) if x.shape[1] == 1 else x.cpu().numpy(),
                                _overlay(x, att)], 0)
-    save_grid(att_rows, out / "attention.png", nrow=len(x))
+    save_grid(_up(att_rows, f), out / "attention.png", nrow=len(x))
     return {
         "top_latent_dims": [int(v) for v in dims[:k]],
         "importance": [float(v) for v in imp[:k]],
         "classifier_direction_predictions": [[model.classes[int(c)] for c in row] for row in dir_pred.cpu()],
         "attention_max_over_mean": [float(a.max()) for a in att],
+        "upscale": f,
         "files": ["reconstructions.png", "traversals.png", "classifier_direction.png", "attention.png"],
     }
 
@@ -1018,7 +1029,7 @@ def load_images(root: str | Path, *, size: int, grayscale: bool = True):
     other = {hw: c for hw, c in sizes.items() if hw != (size, size)}
     if other:
         desc = ", ".join(f"{h}x{w} ({c})" for (h, w), c in sorted(sizes.items(), key=lambda kv: -kv[1]))
-        msg = f"{sum(other.values())} image(s) resized to {size}x{size}; sizes found: {desc}"
+        msg = f"{sum(other.values())} image(s) resized to {size}x{size}; sizes found (height x width): {desc}"
         warnings.warn(msg)
         folder.notes.append(msg)
     if len(folder.classes) < 2:
