@@ -126,6 +126,17 @@ def test_training_feeds_corrupted_inputs_and_clean_targets(monkeypatch):
         assert not torch.equal(inp, tgt)
 
 
+def test_finetune_updates_encoder_but_not_decoder():
+    data = make_synthetic_cxr(16, size=32, seed=6)
+    model = PumaMedNet(replace(TINY, batch_size=8))
+    enc0 = [p.detach().clone() for p in model.encoder.parameters()]
+    dec0 = [p.detach().clone() for p in model.decoder.parameters()]
+    res = fit_classifier(model, torch.from_numpy(data.images), torch.from_numpy(data.labels), finetune=True, epochs=1)
+    assert 0.0 <= res["train_accuracy"] <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(enc0, model.encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(dec0, model.decoder.parameters()))
+
+
 # --------------------------------------------------------------------------------- explanations
 @pytest.mark.parametrize("channels", [1, 3])
 def test_traversal_grid_shapes(channels, tmp_path):

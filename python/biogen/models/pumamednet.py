@@ -138,7 +138,9 @@ class PumaMedNetConfig:
 PRESETS: dict[str, PumaMedNetConfig] = {
     "tiny": PumaMedNetConfig(image_size=32, widths=(8, 16, 32), stage_convs=1, latent_dim=16,
                              attention_hidden=8, epochs=8, batch_size=32, clf_epochs=300),
-    "cpu": PumaMedNetConfig(image_size=64, widths=(32, 64, 128, 128), latent_dim=32, epochs=30),
+    # cpu: minutes on a laptop; one conv per stage and narrow early stages, where the pixels are
+    "cpu": PumaMedNetConfig(image_size=64, widths=(16, 32, 64, 64), stage_convs=1, latent_dim=32,
+                            attention_hidden=8, epochs=15, batch_size=32),
     "paper": PumaMedNetConfig(image_size=256, widths=(32, 64, 128, 256, 512, 512), latent_dim=128,
                               epochs=100, batch_size=64, lr=1e-3),
 }
@@ -794,9 +796,9 @@ def bias_audit(model: PumaMedNet, images: torch.Tensor, labels: torch.Tensor, *,
     # donors: an image predicted as another class (else labelled as another class)
     key = pred if len(torch.unique(pred)) > 1 else y
     donors = torch.empty(n, dtype=torch.long, device=dev)
-    for i in range(n):
-        pool = torch.nonzero(key != key[i]).flatten()
-        donors[i] = pool[torch.randint(len(pool), (1,), generator=gen).item()]
+    for c in torch.unique(key):
+        idx, pool = torch.nonzero(key == c).flatten(), torch.nonzero(key != c).flatten()
+        donors[idx] = pool[torch.randint(len(pool), (len(idx),), generator=gen).to(dev)]
     mean_img = images.mean(0, keepdim=True)
 
     items = []

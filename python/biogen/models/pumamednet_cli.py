@@ -318,8 +318,8 @@ def add_cli(sub) -> None:
                       "should flag the marker.")
     _common(p, model=False)
     p.add_argument("--preset", choices=["tiny", "cpu"], default="cpu", help="tiny (32 px, fast) or cpu (64 px); default cpu")
-    p.add_argument("--n-train", type=int, default=800, help="training images (default 800)")
-    p.add_argument("--n-test", type=int, default=400, help="test images (default 400)")
+    p.add_argument("--n-train", type=int, default=600, help="training images (default 600)")
+    p.add_argument("--n-test", type=int, default=300, help="test images (default 300)")
     p.add_argument("--shortcut", type=float, default=0.9,
                    help="marker/label correlation in training, 0..1; 0 plants no shortcut (default 0.9)")
     p.add_argument("--epochs", type=int, help="VAE epochs (overrides the preset)")
