@@ -195,9 +195,9 @@ def _marker_cell(te) -> str:
     return next(k for k, (a, b, c, d) in pm.grid_regions(32, 4).items() if a <= y0 and y1 <= b and c <= x0 and x1 <= d)
 
 
-# Margins measured over seeds 0, 1, 2 (tiny preset, 320 training images): with the shortcut the marker
+# Margins measured over seeds 0-3 (tiny preset, 320 training images): with the shortcut the marker
 # cell and attribute flip 100% of decisions and every other cell 0%; without it the marker cell ranks
-# 11th-13th of 16 (flip 0.05-0.16 vs 0.31-0.44 for the top lung cell) and the marker attribute <= 0.15.
+# 9th-14th of 16 (flip 0.05-0.16 vs 0.34-0.44 for the top lung cell) and the marker attribute <= 0.20.
 def test_audit_ranks_the_planted_shortcut_first(with_shortcut):
     _, te, rep = with_shortcut
     regions = [it for it in rep.items if it.kind == "region"]
