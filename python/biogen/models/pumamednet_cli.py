@@ -223,7 +223,7 @@ def _cmd_demo(args) -> int:
           f"{args.n_test} test (none); marker at {list(train.marker_region)}")
     dev = _device(args.device)
     summ = _train(out / "data" / "train", out / "train", cfg, dev, val_fraction=0.2)
-    print(f"train accuracy {summ['classifier']['train_accuracy']:.3f}, validation (shortcut still present) "
+    print(f"train accuracy {summ['classifier']['train_accuracy']:.3f}, validation (same distribution as training) "
           f"{summ['classifier'].get('val_accuracy', float('nan')):.3f}")
     _explain(out / "train" / "model", out / "data" / "test", out / "explain", dev, 8, 7, 6)
     (out / "audit").mkdir(exist_ok=True)
