@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.sc.cli",
     "biogen.models.tumorsynth_cli",
     "biogen.tabular.cli",
+    "biogen.models.pumamednet_cli",
 )
 
 
