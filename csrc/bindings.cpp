@@ -16,6 +16,11 @@
 
 namespace py = pybind11;
 
+// --- sc binning (csrc/cpu/binning.cpp) ---
+BIOGEN_CPU_DECLARE(void, bin_csr,
+                   (const int64_t* indptr, const void* data, int is_f64, int64_t n_rows, const double* q,
+                    int64_t n_edges, uint64_t seed, int64_t cell_offset, int32_t* out, int num_threads))
+
 #ifndef BIOGEN_VERSION
 #define BIOGEN_VERSION ""
 #endif
@@ -62,4 +67,20 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "biogen compiled kernels (CPU: OpenMP + SIMD; CUDA where built)";
   m.def("build_info", &build_info, "What this extension was compiled with and what it finds at run time.");
   // --- kernels: one block per op, declared in their csrc/cpu and csrc/cuda files ---
+
+  // --- sc binning: scGPT per-cell quantile binning of a CSR matrix (biogen/sc/binning.py) ---
+  m.def(
+      "bin_csr",
+      [](uintptr_t indptr, uintptr_t data, int is_f64, int64_t n_rows, uintptr_t q, int64_t n_edges, uint64_t seed,
+         int64_t cell_offset, uintptr_t out, int num_threads) {
+        BIOGEN_CHECK(n_rows >= 0 && n_edges >= 1, "bin_csr: n_rows must be >= 0 and n_edges >= 1");
+        py::gil_scoped_release release;
+        BIOGEN_CPU_CALL(bin_csr, reinterpret_cast<const int64_t*>(indptr), reinterpret_cast<const void*>(data),
+                        is_f64, n_rows, reinterpret_cast<const double*>(q), n_edges, seed, cell_offset,
+                        reinterpret_cast<int32_t*>(out), num_threads);
+      },
+      py::arg("indptr"), py::arg("data"), py::arg("is_f64"), py::arg("n_rows"), py::arg("q"), py::arg("n_edges"),
+      py::arg("seed"), py::arg("cell_offset"), py::arg("out"), py::arg("num_threads"),
+      "scGPT binning of CSR rows (raw pointers: int64 indptr, float32/float64 data, float64 quantile levels, "
+      "int32 out). Checked and called by biogen.sc.binning.bin_values.");
 }
