@@ -243,3 +243,14 @@ def test_bad_tensor_inputs():
         m(b["gene_ids"], b["values"], b["padding_mask"].long())
     with pytest.raises(ValueError, match="length 1"):
         m(b["gene_ids"][:, :1], b["values"][:, :1], None)
+
+
+def test_unlabelled_cells_are_ignored():
+    m = _model().eval()
+    b = _batch()
+    b2 = dict(b, labels=torch.tensor([0, -100, 2, -100]))
+    logits = m(b["gene_ids"], b["values"], b["padding_mask"]).logits
+    torch.testing.assert_close(m.loss(b2, "classify")["cls"],
+                               nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 2])))
+    none = m.loss(dict(b, labels=torch.full((4,), -100)), "classify")["cls"]
+    assert float(none) == 0.0

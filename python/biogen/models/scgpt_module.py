@@ -375,7 +375,11 @@ class ScGPTModel(nn.Module):
                 raise ValueError("objective 'classify' needs batch['labels']")
             out = self.forward(ids, vals, pad, None, bids, heads=("cls",))
             w = None if class_weights is None else class_weights.to(out.logits.device, out.logits.dtype)
-            parts["cls"] = F.cross_entropy(out.logits.float(), batch["labels"], weight=None if w is None else w.float())
+            labels = batch["labels"]
+            if bool((labels >= 0).any()):  # -100 marks cells without a usable label
+                parts["cls"] = F.cross_entropy(out.logits.float(), labels, weight=None if w is None else w.float())
+            else:  # a batch of unlabelled cells contributes nothing (cross-entropy would be NaN)
+                parts["cls"] = out.logits.float().sum() * 0.0
         target = batch.get("target_values")
         if objective in ("mlm", "both"):
             m = batch["mlm_mask"] & ~pad
