@@ -89,6 +89,7 @@ def test_scgpt_throughput(benchmark, preset, impl, phase):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    peak_before = _peak_mb()
 
     def train_step():
         with ctx():
@@ -118,5 +119,9 @@ def test_scgpt_throughput(benchmark, preset, impl, phase):
                 mean_len=float((~batch["padding_mask"]).sum(1).float().mean()),
                 cells_per_s=BATCH / mean, peak_mem_mb=_peak_mb(),
                 peak_mem_kind="cuda max_memory_allocated" if DEVICE.type == "cuda" else "process peak RSS")
+    if DEVICE.type == "cpu":
+        # RSS high-water marks only rise within a process: the increase is what this test added
+        # (0 when an earlier test already reached more); run one impl per process (-k) for exact peaks.
+        info["peak_rss_increase_mb"] = _peak_mb() - peak_before
     if key in _BASELINE and impl != "nn":
         info["speedup_vs_nn"] = _BASELINE[key] / mean
