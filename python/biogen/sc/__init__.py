@@ -11,6 +11,11 @@ datasets    pbmc68k() with recovered counts; synthetic() negative-binomial AnnDa
 """
 
 from .binning import bin_values
+from .data import ScGPTDataset, collate
+from .datasets import pbmc68k, synthetic
+from .preprocess import check_counts, preprocess
+from .tokenize import ScGPTTokenizer
 from .vocab import GeneVocab
 
-__all__ = ["bin_values", "GeneVocab"]
+__all__ = ["bin_values", "GeneVocab", "ScGPTTokenizer", "ScGPTDataset", "collate", "preprocess", "check_counts",
+           "pbmc68k", "synthetic"]

@@ -80,6 +80,12 @@ class ScGPTDataset(Dataset):
     n_bins, max_seq_len, pad_value, mask_value, include_zero_genes, seed: see ScGPTTokenizer.
     mask_ratio: 0.0 (no masking), a float in (0, 1], or ``"generative"``.
     input_style: ``"binned"`` (values = bins as float, scGPT default) or ``"continuous"`` (the values).
+    min_overlap: minimum fraction / count of ``adata``'s genes that must be in ``vocab``.
+
+    Attributes
+    ----------
+    gene_mapping: GeneMapping of ``adata.var_names`` onto ``vocab`` (``n_known``, ``missing``).
+    label_categories, batch_categories: category order behind ``labels`` / ``batch_ids``.
     """
 
     def __init__(self, adata, vocab: GeneVocab, *, layer: str | None = None, label_key: str | None = None,
@@ -106,6 +112,8 @@ class ScGPTDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.cols, self.col_ids = self.tokenizer.column_ids(adata.var_names)
+        #: GeneMapping of adata's genes onto the vocabulary (n_known, missing genes, ...)
+        self.gene_mapping = self.tokenizer.last_mapping
         self.label_key, self.batch_key = label_key, batch_key
         self.label_categories = self.labels = None
         self.batch_categories = self.batch_ids = None
@@ -133,7 +141,7 @@ class ScGPTDataset(Dataset):
             raise IndexError(f"cell index {i} out of range for {n} cells")
         i = int(i) % n
         row = _rows_csr(self.matrix, i, i + 1)
-        tok = self.tokenizer.tokenize_row(row, self.cols, self.col_ids, i, self.epoch)
+        tok = self.tokenizer.tokenize_block(row, self.cols, self.col_ids, i, self.epoch)[0]
         return self._mask(tok, i)
 
     def _mask(self, tok: dict, i: int) -> dict:

@@ -107,56 +107,72 @@ class ScGPTTokenizer:
         self.include_zero_genes = bool(include_zero_genes)
         self.seed = int(seed)
         self.min_overlap = min_overlap
+        self.last_mapping = None
 
     # --- gene mapping ----------------------------------------------------------------------------
     def column_ids(self, gene_names) -> tuple[np.ndarray, np.ndarray]:
-        """Vocabulary mapping of a matrix's columns: (known column indices, their token ids)."""
+        """Vocabulary mapping of a matrix's columns: (known column indices, their token ids).
+
+        The full :class:`~biogen.sc.vocab.GeneMapping` (counts of known / missing genes) is kept in
+        ``self.last_mapping``.
+        """
         mapping = self.vocab.map_genes(gene_names, min_overlap=self.min_overlap)
+        self.last_mapping = mapping
         cols = np.flatnonzero(mapping.known)
         return cols, mapping.ids[cols]
 
-    # --- one cell ----------------------------------------------------------------------------------
-    def tokenize_row(self, row: sp.csr_matrix, cols: np.ndarray, col_ids: np.ndarray, cell_index: int,
-                     epoch: int = 0) -> dict:
-        """Tokenise one cell.
+    # --- a block of cells ---------------------------------------------------------------------------
+    def tokenize_block(self, block: sp.csr_matrix, cols: np.ndarray, col_ids: np.ndarray, first_cell: int,
+                       epoch: int = 0) -> list[dict]:
+        """Tokenise consecutive cells.
 
         Parameters
         ----------
-        row: (1, n_columns) CSR with sorted indices.
+        block: (n_cells, n_columns) CSR rows of the input (any index order).
         cols: (n_known,) sorted indices of the columns whose genes are in the vocabulary.
         col_ids: (n_known,) token ids of those columns.
-        cell_index: global cell index (seeds the binning uniforms and the subsampling).
+        first_cell: global index of the block's first cell (seeds binning ties and subsampling).
 
         Returns
         -------
-        dict of ``gene_ids`` (n,) int64, ``values`` (n,) float32, ``binned`` (n,) int64, n <= max_seq_len.
+        one dict per cell: ``gene_ids`` (n,) int64, ``values`` (n,) float32, ``binned`` (n,) int64,
+        n <= max_seq_len.
         """
-        sub = row[:, cols] if cols.shape[0] != row.shape[1] else row
-        sub = sub.tocsr()
+        sub = block[:, cols] if cols.shape[0] != block.shape[1] else block
+        sub = sp.csr_matrix(sub)
         if not sub.has_sorted_indices:
+            sub = sub.copy()
             sub.sort_indices()
         _check_values(sub.data)
-        bins = _bin_csr_arrays(sub.indptr, sub.data, self.n_bins, self.seed, cell_index)
-        if self.include_zero_genes:
-            pos = np.arange(sub.shape[1])
-            vals = np.zeros(sub.shape[1], dtype=np.float32)
-            vals[sub.indices] = sub.data
-            b = np.zeros(sub.shape[1], dtype=np.int64)
-            b[sub.indices] = bins
-        else:
-            nz = sub.data != 0
-            pos = sub.indices[nz]
-            vals = sub.data[nz].astype(np.float32)
-            b = bins[nz].astype(np.int64)
+        bins = _bin_csr_arrays(sub.indptr, sub.data, self.n_bins, self.seed, first_cell)
         keep = self.max_seq_len - 1
-        if pos.shape[0] > keep:
-            rng = np.random.default_rng([self.seed, _SUBSAMPLE_STREAM, int(epoch), int(cell_index)])
-            pick = np.sort(rng.choice(pos.shape[0], size=keep, replace=False))
-            pos, vals, b = pos[pick], vals[pick], b[pick]
-        gene_ids = np.concatenate(([self.vocab.cls_id], col_ids[pos])).astype(np.int64)
-        values = np.concatenate(([0.0], vals)).astype(np.float32)
-        binned = np.concatenate(([0], b)).astype(np.int64)
-        return {"gene_ids": gene_ids, "values": values, "binned": binned}
+        out = []
+        for r in range(sub.shape[0]):
+            lo, hi = sub.indptr[r], sub.indptr[r + 1]
+            idx, data, b = sub.indices[lo:hi], sub.data[lo:hi], bins[lo:hi]
+            if self.include_zero_genes:
+                pos = np.arange(sub.shape[1])
+                vals = np.zeros(sub.shape[1], dtype=np.float32)
+                vals[idx] = data
+                bb = np.zeros(sub.shape[1], dtype=np.int64)
+                bb[idx] = b
+            else:
+                nz = data != 0
+                pos, vals, bb = idx[nz], data[nz].astype(np.float32), b[nz].astype(np.int64)
+            if pos.shape[0] > keep:
+                rng = np.random.default_rng([self.seed, _SUBSAMPLE_STREAM, int(epoch), int(first_cell + r)])
+                pick = np.sort(rng.choice(pos.shape[0], size=keep, replace=False))
+                pos, vals, bb = pos[pick], vals[pick], bb[pick]
+            n = pos.shape[0] + 1
+            gene_ids = np.empty(n, dtype=np.int64)
+            gene_ids[0] = self.vocab.cls_id
+            gene_ids[1:] = col_ids[pos]
+            values = np.zeros(n, dtype=np.float32)
+            values[1:] = vals
+            binned = np.zeros(n, dtype=np.int64)
+            binned[1:] = bb
+            out.append({"gene_ids": gene_ids, "values": values, "binned": binned})
+        return out
 
     # --- many cells --------------------------------------------------------------------------------
     def tokenize(self, adata_or_matrix, *, layer: str | None = None, gene_names=None, epoch: int = 0,
@@ -192,8 +208,7 @@ class ScGPTTokenizer:
         n = m.shape[0]
         for start in range(0, n, chunk_size):
             block = _rows_csr(m, start, min(start + chunk_size, n))
-            for r in range(block.shape[0]):
-                t = self.tokenize_row(block[r], cols, col_ids, cell_offset + start + r, epoch)
+            for t in self.tokenize_block(block, cols, col_ids, cell_offset + start, epoch):
                 out.gene_ids.append(t["gene_ids"])
                 out.values.append(t["values"])
                 out.binned.append(t["binned"])
