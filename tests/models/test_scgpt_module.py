@@ -254,3 +254,39 @@ def test_unlabelled_cells_are_ignored():
                                nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 2])))
     none = m.loss(dict(b, labels=torch.full((4,), -100)), "classify")["cls"]
     assert float(none) == 0.0
+
+
+def _attention_backends():
+    """Every non-reference backend of masked_gene_attention, skipped with the runtime's reasons."""
+    from biogen.ops._runtime import BACKENDS
+    from biogen.ops.masked_attention import OP
+
+    out = []
+    for b in BACKENDS:
+        if b == "torch":
+            continue
+        why = OP.not_supported_reasons(b, torch.device("cpu"), dtype=torch.float32, head_dim=16)
+        out.append(pytest.param(b, marks=pytest.mark.skip(reason="; ".join(why))) if why else b)
+    return out
+
+
+@pytest.mark.parametrize("backend", _attention_backends())
+def test_model_on_every_attention_backend_matches_torch(backend):
+    import biogen.ops
+
+    m = _model()
+    b = _batch()
+    known = ~b["mlm_mask"]
+
+    def run():
+        m.zero_grad()
+        out = m(b["gene_ids"], b["values"], b["padding_mask"], known)
+        (out.expr_pred.sum() + out.logits.sum()).backward()
+        return out.expr_pred.detach(), m.transformer_encoder.layers[0].self_attn.Wqkv.weight.grad.clone()
+
+    with biogen.ops.use_backend("torch"):
+        ref = run()
+    with biogen.ops.use_backend(backend):
+        got = run()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-3, atol=1e-4)
