@@ -169,3 +169,24 @@ def test_reference_model_outputs_match(tmp_path, n_batches):
     torch.testing.assert_close(got.mvc_pred[valid], exp["mvc_output"][valid], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.cell_emb, exp["cell_emb"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.logits, exp["cls_output"], rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_from_reference_checkpoint(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from biogen.models.scgpt import ScGPT
+
+    folder = _write(tmp_path / "ck", _random_state(SPEC["params_flash"]))
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, size=(20, 7)).astype(np.float32)
+    a = ad.AnnData(X=X, obs=pd.DataFrame({"t": ["a", "b"] * 10}, index=[f"c{i}" for i in range(20)]),
+                   var=pd.DataFrame(index=[f"G{i}" for i in range(7)]))
+    m = ScGPT.from_scgpt_checkpoint(folder, a, label_key="t", device="cpu")
+    assert m.module.n_classes == 2 and m.label_categories == ["a", "b"]
+    before = m.module.encoder.embedding.weight.detach().clone()
+    m.fit(epochs=1, batch_size=10, validation_fraction=0, progress=False)
+    assert not torch.equal(before, m.module.encoder.embedding.weight)
+    out = m.predict(a, copy=True)
+    assert out.obsm["scgpt_proba"].shape == (20, 2)
