@@ -1,5 +1,6 @@
-"""Layers built on biogen.ops: attention blocks, embeddings, UNet blocks."""
+"""Layers built on biogen.ops: transformer and attention blocks, UNet blocks."""
 
+from .transformer import MaskedSelfAttention, TransformerEncoder, TransformerEncoderLayer
 from .unet import (
     CrossAttention,
     Downsample,
@@ -19,9 +20,12 @@ __all__ = [
     "CrossAttention",
     "Downsample",
     "GroupNormAct",
+    "MaskedSelfAttention",
     "ResBlock",
     "SelfAttention",
     "TimestepEmbedding",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "UNet",
     "UNET_PRESETS",
     "UNetConfig",
