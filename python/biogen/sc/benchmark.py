@@ -197,6 +197,21 @@ register_annotator("logreg", LogRegAnnotator)
 register_annotator("knn", KNNAnnotator)
 
 
+def _lazy(module: str, cls: str) -> Callable[..., Annotator]:
+    """A factory importing the model only when used (torch models are heavy to import)."""
+    import importlib
+
+    def factory(**kw):
+        return getattr(importlib.import_module(module), cls)(**kw)
+
+    factory.load = lambda path: getattr(importlib.import_module(module), cls).load(path)
+    return factory
+
+
+register_annotator("scgpt", _lazy("biogen.models.scgpt_annotator", "ScGPTAnnotator"))
+register_annotator("scbert", _lazy("biogen.models.scbert_annotator", "ScBERTAnnotator"))
+
+
 # ------------------------------------------------------------------------------- filters, split
 
 
