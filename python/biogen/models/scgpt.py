@@ -24,7 +24,6 @@ import contextlib
 import copy as _copy
 import json
 import os
-import tempfile
 from dataclasses import replace
 from typing import Optional, Union
 
@@ -33,6 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..utils import atomic_path, write_json
 from .scgpt_checkpoint import load_scgpt_checkpoint, map_reference_keys
 from .scgpt_module import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
 
@@ -49,24 +49,9 @@ _PRETRAIN_MODES = ("mlm", "generative", "both")
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: str, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-    _atomic_write(path, w)
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _save_weights(path: str, module: torch.nn.Module) -> None:
@@ -420,7 +405,7 @@ class ScGPT:
         _atomic_write(os.path.join(folder, "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
         self._write_meta(folder)
         # the trainer state goes last: its presence marks a complete checkpoint
-        _write_json(os.path.join(folder, "trainer_state.json"), state)
+        write_json(os.path.join(folder, "trainer_state.json"), state)
 
     def _load_checkpoint(self, folder, opt, objective) -> dict:
         path = os.path.join(folder, "trainer_state.json")
@@ -554,7 +539,7 @@ class ScGPT:
                 "batch_categories": self.batch_categories}
 
     def _write_meta(self, folder: str) -> None:
-        _write_json(os.path.join(folder, "config.json"), self._meta())
+        write_json(os.path.join(folder, "config.json"), self._meta())
         self.vocab.save(os.path.join(folder, "vocab.json"))
 
     def save(self, path: str, overwrite: bool = False) -> None:
