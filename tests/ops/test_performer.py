@@ -54,7 +54,7 @@ def _params():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_forward_fp32_matches_reference(backend, shape, causal, kernel):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=shape[3])
+    dev = require(OP, backend, dtype=torch.float32, head_dim=shape[3], causal=causal)
     q, k, v, w, pad = make_inputs(*shape, device=dev)
     out = performer_attention(q, k, v, w, key_padding_mask=pad, causal=causal, kernel=kernel, backend=backend)
     ref = truth(q, k, v, w, pad, causal, kernel)
@@ -68,7 +68,7 @@ def test_forward_fp32_matches_reference(backend, shape, causal, kernel):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_forward_low_precision_2x_rule(backend, dtype, causal, kernel):
-    dev = require(OP, backend, dtype=dtype, head_dim=64)
+    dev = require(OP, backend, dtype=dtype, head_dim=64, causal=causal)
     shape = (1, 2, 17, 32, 21) if interpreted(backend) else (2, 2, 193, 64, 70)
     q, k, v, w, pad = make_inputs(*shape, dtype=dtype, device=dev)
     out = performer_attention(q, k, v, w, key_padding_mask=pad, causal=causal, kernel=kernel, backend=backend)
@@ -82,7 +82,7 @@ def test_forward_low_precision_2x_rule(backend, dtype, causal, kernel):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_gradients_match_reference(backend, causal, kernel):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=40)
+    dev = require(OP, backend, dtype=torch.float32, head_dim=40, causal=causal)
     shape = (1, 2, 17, 20, 21) if interpreted(backend) else (2, 2, 97, 40, 45)
     q, k, v, w, pad = make_inputs(*shape, device=dev)
     args = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -212,7 +212,7 @@ def test_matches_performer_pytorch_fast_attention(causal, kernel, backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_nan_in_padding_does_not_change_output(backend, causal):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=32)
+    dev = require(OP, backend, dtype=torch.float32, head_dim=32, causal=causal)
     shape = (2, 2, 17, 32, 21) if interpreted(backend) else (2, 3, 150, 32, 45)
     q, k, v, w, pad = make_inputs(*shape, device=dev, pad_frac=0.5)
     pad[1, -1] = True
@@ -269,7 +269,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_deterministic(backend, causal):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=32)
+    dev = require(OP, backend, dtype=torch.float32, head_dim=32, causal=causal)
     shape = (1, 2, 17, 32, 21) if interpreted(backend) else (1, 2, 300, 32, 45)
     q, k, v, w, pad = make_inputs(*shape, device=dev)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
@@ -368,6 +368,14 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
     q, k, v, w, _ = make_inputs(1, 1, 5, 8, 9)
     with pytest.raises(BackendUnavailableError, match=r"(?s)cuda.*torch: available"):
         performer_attention(q, k, v, w, backend="cuda")
+
+
+def test_triton_causal_is_refused_with_the_reason():
+    if "triton" not in OP.reasons:
+        pytest.skip("triton not installed")
+    q, k, v, w, _ = make_inputs(1, 1, 5, 16, 9)
+    with pytest.raises(BackendUnavailableError, match=r"triton: supports causal=False only"):
+        performer_attention(q, k, v, w, causal=True, backend="triton")
 
 
 def test_auto_prefers_cpu_kernel_on_cpu():

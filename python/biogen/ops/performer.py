@@ -87,6 +87,13 @@ def gaussian_orthogonal_random_matrix(
 # ----------------------------------------------------------------------------- per-backend kernels
 
 
+def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False, **_) -> list[str]:
+    r = _reasons_dtype_dim(dtype, head_dim)
+    if causal:
+        r.append("supports causal=False only (the causal path runs on the cpu and torch backends)")
+    return r
+
+
 def _triton():
     from .triton import performer as tri  # imported lazily: importing triton costs ~1 s
 
@@ -99,7 +106,7 @@ try:
     if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
         "biogen.ops.triton.performer"
     ) is not None:
-        OP.reasons["triton"] = _reasons_dtype_dim
+        OP.reasons["triton"] = _reasons_triton
 except (ImportError, ValueError):  # pragma: no cover
     pass
 
@@ -304,6 +311,6 @@ def performer_attention(
     """
     _check(q, k, v, projection, key_padding_mask, kernel, eps)
     eps = reference.performer_eps(kernel, eps)
-    chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1])
+    chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=bool(causal))
     out, _ = _fwd_op(q, k, v, projection, key_padding_mask, bool(causal), kernel == "relu", eps, chosen)
     return out
