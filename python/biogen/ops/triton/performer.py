@@ -70,7 +70,8 @@ def _key_state_kernel(k_ptr, v_ptr, w_ptr, pad_ptr, a_ptr, ze_ptr, c_ptr, sv_ptr
         else:
             diag = tl.sum(kk * kk, axis=1) * (s * s * 0.5)
             cm = tl.maximum(c, tl.max(tl.where(emask, dd, -float("inf"))))
-            scale = tl.exp(tl.where(cm == -float("inf"), 0.0, c - cm))  # no -inf - -inf
+            empty = cm == -float("inf")  # no valid key yet: avoid -inf - -inf
+            scale = tl.exp(tl.where(empty, 0.0, c) - tl.where(empty, 0.0, cm))
             acc = acc * scale
             ze = ze * scale
             c = cm
