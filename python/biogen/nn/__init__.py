@@ -1,5 +1,6 @@
 """Layers built on biogen.ops: transformer and attention blocks, UNet blocks."""
 
+from .performer import PerformerAttention
 from .transformer import MaskedSelfAttention, TransformerEncoder, TransformerEncoderLayer
 from .unet import (
     CrossAttention,
@@ -21,6 +22,7 @@ __all__ = [
     "Downsample",
     "GroupNormAct",
     "MaskedSelfAttention",
+    "PerformerAttention",
     "ResBlock",
     "SelfAttention",
     "TimestepEmbedding",

@@ -15,6 +15,7 @@ from ._runtime import (
 )
 from .group_norm import group_norm_silu
 from .masked_attention import masked_gene_attention
+from .performer import gaussian_orthogonal_random_matrix, performer_attention
 from .sampler import sampler_step
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "build_info",
+    "gaussian_orthogonal_random_matrix",
     "group_norm_silu",
     "masked_gene_attention",
+    "performer_attention",
     "sampler_step",
     "use_backend",
 ]
