@@ -69,6 +69,34 @@ inline float hsum_tree(v16f v) {
   return v[0];
 }
 
+// exp(x) for the softmax, where x <= 0 always (scores minus their running max, or minus lse).
+// Leaner than vec.h's general vexp (a third fewer vector ops; exp is ~1/5 of the forward): no
+// upper clamp, and the lower clamp at -88 makes 2^n's biased exponent 0, so exp(-inf) = 0 exactly
+// and x < -87.3 flushes to 0 (below float resolution next to the row's max term, which is 1).
+// NaN propagates: the clamp keeps it and the polynomial turns it into NaN.
+inline v16f exp_nonpos(v16f x) {
+  const v16f lo = bcast(-88.0f);
+  x = x < lo ? lo : x;
+  const v16f magic = bcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const v16f nm = x * 1.44269504088896341f + magic;
+  const v16f n = nm - magic;
+  v16f r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16f p = bcast(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * (r * r) + r + 1.0f;
+  v16i bits;
+  std::memcpy(&bits, &nm, sizeof(bits));
+  bits = (bits - (0x4B400000 - 127)) << 23;  // n + 127 in the exponent field
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // 64-byte aligned float buffer, zero-filled so that padding lanes read as 0 and never as NaN.
@@ -265,7 +293,7 @@ void fwd_impl(const typename S::T* q, const typename S::T* k, const typename S::
           v16f sum = vbroadcast(0.f);
           const v16f mv = vbroadcast(m_new);
           for (int c = 0; c < kBk; c += 16) {
-            const v16f p = vexp(*(v16f*)(s + c) - mv);
+            const v16f p = exp_nonpos(*(v16f*)(s + c) - mv);
             *(v16f*)(s + c) = p;
             sum += p;
           }
@@ -397,7 +425,7 @@ void bwd_impl(const typename S::T* q, const typename S::T* k, const typename S::
             const v16f dl = vbroadcast(delta_g.p[q0 + r]);
             for (int j = nkb; j < kBk; ++j) p[j] = kNegInf;
             for (int c = 0; c < kBk; c += 16) {
-              const v16f pv = vexp(*(v16f*)(p + c) - lv);  // P = exp(S - lse)
+              const v16f pv = exp_nonpos(*(v16f*)(p + c) - lv);  // P = exp(S - lse)
               *(v16f*)(p + c) = pv;
               *(v16f*)(dp + c) = pv * (*(v16f*)(dp + c) - dl);  // dS = P (dP - Delta)
             }
