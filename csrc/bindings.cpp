@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -88,6 +89,32 @@ void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t p
                   int pred, double w, double clip, int mode, uintptr_t stream);
 }  // namespace biogen::cuda
 #endif
+// --- masked gene attention (SPEC 1.1): csrc/cpu/masked_attention.cpp
+BIOGEN_CPU_DECLARE(void, masked_attention_fwd_cpu,
+                   (int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t pad,
+                    uintptr_t known, int64_t B, int64_t H, int64_t L, int64_t D, int64_t sqb, int64_t sqh,
+                    int64_t sql, int64_t skb, int64_t skh, int64_t skl, int64_t svb, int64_t svh, int64_t svl,
+                    double scale, int nthreads))
+BIOGEN_CPU_DECLARE(void, masked_attention_bwd_cpu,
+                   (int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t dout, uintptr_t lse,
+                    uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, uintptr_t known, int64_t B,
+                    int64_t H, int64_t L, int64_t D, int64_t sqb, int64_t sqh, int64_t sql, int64_t skb,
+                    int64_t skh, int64_t skl, int64_t svb, int64_t svh, int64_t svl, int64_t sob, int64_t soh,
+                    int64_t sol, int64_t sdb, int64_t sdh, int64_t sdl, double scale, int nthreads))
+
+namespace {
+// Checks shared by forward and backward; the Python side has already checked dtypes and shapes, these
+// guard the raw-pointer contract itself.
+void check_attention_args(uintptr_t q, int64_t B, int64_t H, int64_t L, int64_t D, int nthreads,
+                          std::initializer_list<int64_t> strides) {
+  BIOGEN_CHECK(q != 0, "masked_attention: null tensor pointer");
+  BIOGEN_CHECK(B > 0 && H > 0 && L > 0 && D > 0, "masked_attention: empty dimension");
+  BIOGEN_CHECK(D <= 128, "masked_attention supports head dimension at most 128, got " + std::to_string(D));
+  BIOGEN_CHECK(L < (int64_t{1} << 31), "masked_attention: length must be below 2^31");
+  BIOGEN_CHECK(nthreads >= 1, "masked_attention: num_threads must be >= 1");
+  for (int64_t s : strides) BIOGEN_CHECK(s >= 0, "masked_attention: negative strides are not supported");
+}
+}  // namespace
 
 static py::dict build_info() {
   py::dict d;
@@ -218,4 +245,35 @@ PYBIND11_MODULE(_C, m) {
                                 ws_cq, ws_ck, B, H, L, D, m_, strides.data(), relu, eps, stream);
   });
 #endif
+  // masked gene attention (SPEC 1.1): see biogen/ops/masked_attention.py (_fwd_native, _bwd_native)
+  m.def(
+      "masked_attention_fwd_cpu",
+      [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t pad,
+         uintptr_t known, int64_t B, int64_t H, int64_t L, int64_t D, int64_t sqb, int64_t sqh, int64_t sql,
+         int64_t skb, int64_t skh, int64_t skl, int64_t svb, int64_t svh, int64_t svl, double scale,
+         int nthreads) {
+        check_attention_args(q, B, H, L, D, nthreads, {sqb, sqh, sql, skb, skh, skl, svb, svh, svl});
+        BIOGEN_CHECK(k != 0 && v != 0 && out != 0 && lse != 0, "masked_attention: null tensor pointer");
+        BIOGEN_CPU_CALL(masked_attention_fwd_cpu, dtype, q, k, v, out, lse, pad, known, B, H, L, D, sqb, sqh,
+                        sql, skb, skh, skl, svb, svh, svl, scale, nthreads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Masked gene attention forward: writes out (B,H,L,D) in the input dtype and lse (B,H,L) float32.");
+  m.def(
+      "masked_attention_bwd_cpu",
+      [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t dout, uintptr_t lse,
+         uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, uintptr_t known, int64_t B, int64_t H,
+         int64_t L, int64_t D, int64_t sqb, int64_t sqh, int64_t sql, int64_t skb, int64_t skh, int64_t skl,
+         int64_t svb, int64_t svh, int64_t svl, int64_t sob, int64_t soh, int64_t sol, int64_t sdb, int64_t sdh,
+         int64_t sdl, double scale, int nthreads) {
+        check_attention_args(q, B, H, L, D, nthreads,
+                             {sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdb, sdh, sdl});
+        BIOGEN_CHECK(k != 0 && v != 0 && o != 0 && dout != 0 && lse != 0 && dq != 0 && dk != 0 && dv != 0,
+                     "masked_attention: null tensor pointer");
+        BIOGEN_CPU_CALL(masked_attention_bwd_cpu, dtype, q, k, v, o, dout, lse, dq, dk, dv, pad, known, B, H, L,
+                        D, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdb, sdh, sdl, scale,
+                        nthreads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Masked gene attention backward: writes float32 dq, dk, dv (B,H,L,D) in full.");
 }
