@@ -105,6 +105,9 @@ def _run_single(args: list[str]) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     two = _torchrun(2, TRAIN_ARGS + ["--epochs", "1", "--out", str(root / "two")])
+    if two.returncode != 0:  # the free port may be taken between probing and binding: one retry
+        shutil.rmtree(root / "two", ignore_errors=True)
+        two = _torchrun(2, TRAIN_ARGS + ["--epochs", "1", "--out", str(root / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     _run_single(TRAIN_ARGS + ["--epochs", "1", "--out", str(root / "one")])
     return root, two
