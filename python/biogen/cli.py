@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -59,12 +60,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from . import distributed
+
+    rank = distributed.env_rank()
+    stdout = sys.stdout
+    if rank != 0:
+        # Under torchrun only rank 0 reports; every rank still prints its own errors to stderr.
+        sys.stdout = open(os.devnull, "w")
     try:
         return int(args.func(args) or 0)
     except (CLIError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"biogen {args.command}: error: {msg}", file=sys.stderr)
+        where = f" (rank {rank})" if distributed.launched_by_torchrun() else ""
+        print(f"biogen {args.command}: error{where}: {msg}", file=sys.stderr)
         return 2
+    finally:
+        distributed.destroy()
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,6 +60,8 @@ class TumorSynthConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -208,6 +210,10 @@ def _pairwise_mean(f: np.ndarray) -> float:
     return float(d.sum() / max(1, n * (n - 1)))
 
 
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 def _save_checkpoint(ckpt_root: Path, G, D, opt_g, opt_d, state: dict) -> None:
     """Write the epoch's checkpoint as a folder swapped in whole, so ``last`` is never half-written."""
     from safetensors.torch import save_file
@@ -215,10 +221,9 @@ def _save_checkpoint(ckpt_root: Path, G, D, opt_g, opt_d, state: dict) -> None:
     new, last, old = ckpt_root / "last.new", ckpt_root / "last", ckpt_root / "last.old"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(new / "generator.safetensors"))
-    save_file({k: v.contiguous() for k, v in D.state_dict().items()}, str(new / "discriminator.safetensors"))
-    torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "rng": torch.get_rng_state()}, new / "optim.pt")
+    save_file(_cpu_state(G), str(new / "generator.safetensors"))
+    save_file(_cpu_state(D), str(new / "discriminator.safetensors"))
+    torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, new / "optim.pt")
     (new / "state.json").write_text(json.dumps(state, indent=2))
     if last.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -282,8 +287,17 @@ def train(
     resume: bool = False,
     extractor=None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train a TumorSynth GAN with BCE, Adam(lr, beta1), checkpointing every epoch.
+
+    Runs unchanged under ``torchrun --nproc_per_node N`` (see :mod:`biogen.distributed`): G and D are
+    wrapped in DistributedDataParallel, ``config.batch_size`` is the *global* batch and each rank
+    trains on its contiguous ``batch_size / N`` slice of it (the same images and noise vectors a single
+    process would use), so one step on N ranks equals one single-process step up to floating-point
+    reduction order (and dropout masks, which are drawn per rank). Losses are averaged across ranks;
+    only rank 0 evaluates KID, writes checkpoints, sample grids and the history. Checkpoints hold plain
+    (unwrapped) weights, so a run resumes with any number of processes.
 
     Parameters
     ----------
@@ -293,8 +307,10 @@ def train(
         ``best_generator.safetensors`` (epoch with the lowest KID against held-out real images),
         ``samples_epoch_XXX.png``, ``history.json``, ``history.png`` (losses, KID, diversity).
     resume : continue from ``out_dir/checkpoints/last`` if present.
-    extractor : feature extractor for KID/diversity; default :func:`default_extractor`.
+    extractor : feature extractor for KID/diversity; default :func:`default_extractor` (rank 0 only).
+    device : where to train; default :func:`biogen.distributed.device` (this rank's GPU, else CPU).
     """
+    from .. import distributed as bdist
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -315,6 +331,10 @@ def train(
         if config.conditional and (labels.min() < 0 or labels.max() >= config.n_classes):
             raise ValueError(f"labels must be in 0..{config.n_classes - 1}")
     out_dir = Path(out_dir)
+    bdist.init()
+    world, main = bdist.world_size(), bdist.is_main()
+    shard = bdist.split_batch(config.batch_size)  # validates divisibility before any work
+    dev = torch.device(device) if device is not None else bdist.device()
     rng = np.random.default_rng(config.seed)
     perm = rng.permutation(len(images))
     n_held = max(2, int(round(len(images) * config.heldout_fraction)))
@@ -326,20 +346,23 @@ def train(
     y_train = None if labels is None else torch.from_numpy(labels[train_idx])
     held = images[held_idx]
     torch.manual_seed(config.seed)
-    G, D = build_models(config)
+    G, D = build_models(config, dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
-    if extractor is None:
-        extractor = default_extractor(images[train_idx], None if labels is None else labels[train_idx], config.seed)
     from ..metrics import extract, kid_from_features
 
-    held_feats = extract(extractor, held)
-    real_div = _pairwise_mean(held_feats)
+    if main:  # evaluation is rank 0's job; the other ranks never need the extractor
+        if extractor is None:
+            extractor = default_extractor(images[train_idx], None if labels is None else labels[train_idx],
+                                          config.seed)
+        held_feats = extract(extractor, held)
+        real_div = _pairwise_mean(held_feats)
+    extractor_name = bdist.broadcast_object(extractor.name if main else None)
     gen = torch.Generator().manual_seed(config.seed + 1)
     z_eval = torch.randn(config.n_eval_samples, config.noise_dim, generator=gen)
     y_eval = torch.arange(config.n_eval_samples) % config.n_classes if config.conditional else None
 
-    result = TrainResult(out_dir, extractor=extractor.name)
+    result = TrainResult(out_dir, extractor=extractor_name)
     start_epoch, best_kid = 0, math.inf
     ckpt_root = out_dir / "checkpoints"
     found = _find_checkpoint(ckpt_root) if resume else None
@@ -351,36 +374,50 @@ def train(
             raise ValueError(f"checkpoint {found} was trained with another configuration: {state['config']}")
         G.load_state_dict(load_file(str(found / "generator.safetensors")))
         D.load_state_dict(load_file(str(found / "discriminator.safetensors")))
-        opt = torch.load(found / "optim.pt", weights_only=False)
+        opt = torch.load(found / "optim.pt", weights_only=False, map_location=dev)
         opt_g.load_state_dict(opt["opt_g"])
         opt_d.load_state_dict(opt["opt_d"])
-        torch.set_rng_state(opt["rng"])
         result.history = [EpochRecord(**h) for h in state["history"]]
         start_epoch, best_kid, result.best_epoch = state["epoch"] + 1, state["best_kid"], state["best_epoch"]
         gen.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))
     elif out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise FileExistsError(f"output folder {out_dir} is not empty; choose another or resume")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    bdist.barrier()  # every rank has checked / read the folder before rank 0 writes into it
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
+    # D sees real and fake images in one call: one forward per DDP step keeps the gradient hooks simple.
+    Gd, Dd = bdist.wrap_ddp(G), bdist.wrap_ddp(D)
     bce = nn.BCEWithLogitsLoss()
     n_batches = len(x_train) // config.batch_size
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
+        # Dropout draws from the global RNG, seeded per (seed, epoch, rank): resumable without saving
+        # per-rank RNG state, and different masks on different ranks.
+        torch.manual_seed(int(np.random.default_rng([config.seed, epoch, bdist.rank()]).integers(2**62)))
         G.train(), D.train()
         order = torch.randperm(len(x_train), generator=gen)
         sums = np.zeros(4)
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main),
+                   leave=False)
         for b in bar:
+            # Every rank draws the whole global batch's indices and noise (same generator state), then
+            # keeps its slice: the union over ranks is exactly the single-process batch.
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            real = x_train[idx]
-            lab = None if y_train is None or not config.conditional else y_train[idx]
-            z = torch.randn(len(idx), config.noise_dim)
-            fake = G(z, lab)
-            d_real, d_fake = D(real, lab), D(fake.detach(), lab)
+            z = torch.randn(len(idx), config.noise_dim, generator=gen)[shard].to(dev)
+            idx = idx[shard]
+            real = x_train[idx].to(dev)
+            lab = None if y_train is None or not config.conditional else y_train[idx].to(dev)
+            fake = Gd(z, lab)
+            n = len(idx)
+            logits = Dd(torch.cat([real, fake.detach()]), None if lab is None else torch.cat([lab, lab]))
+            d_real, d_fake = logits[:n], logits[n:]
             loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
+            # The generator step goes through the unwrapped D: its gradients w.r.t. D's weights are
+            # discarded (zeroed before D's next step), so synchronising them would be wasted traffic.
             out = D(fake, lab)
             loss_g = bce(out, torch.ones_like(out))
             opt_g.zero_grad(set_to_none=True)
@@ -388,29 +425,39 @@ def train(
             opt_g.step()
             sums += [loss_d.item(), loss_g.item(), torch.sigmoid(d_real).mean().item(), torch.sigmoid(d_fake).mean().item()]
             bar.set_postfix(loss_d=f"{loss_d.item():.3f}", loss_g=f"{loss_g.item():.3f}")
-        G.eval()
-        with torch.no_grad():
-            samples = G(z_eval, y_eval).numpy()
-        feats = extract(extractor, samples)
-        kid, kid_std = kid_from_features(held_feats, feats, subsets=20, subset_size=min(len(feats), len(held_feats), 200),
-                                         seed=epoch)
-        rec = EpochRecord(epoch, *(sums / max(1, n_batches)).tolist(), kid, kid_std,
-                          _pairwise_mean(feats) / max(real_div, 1e-12), time.perf_counter() - t0)
+        sums = bdist.all_reduce_mean(sums)  # equal shards: the mean of rank means is the global mean
+        rec = None
+        if main:
+            G.eval()
+            with torch.no_grad():
+                samples = G(z_eval.to(dev), None if y_eval is None else y_eval.to(dev)).cpu().numpy()
+            feats = extract(extractor, samples)
+            kid, kid_std = kid_from_features(held_feats, feats, subsets=20,
+                                             subset_size=min(len(feats), len(held_feats), 200), seed=epoch)
+            rec = EpochRecord(epoch, *(sums / max(1, n_batches)).tolist(), kid, kid_std,
+                              _pairwise_mean(feats) / max(real_div, 1e-12), time.perf_counter() - t0)
+        rec = bdist.broadcast_object(rec)
         result.history.append(rec)
+        kid_is_best = rec.kid < best_kid
+        if kid_is_best:
+            best_kid, result.best_epoch = rec.kid, epoch
+        if not main:
+            continue
+        kid = rec.kid
         save_grid(samples[:32], out_dir / f"samples_epoch_{epoch:03d}.png")
-        if kid < best_kid:
-            best_kid, result.best_epoch = kid, epoch
+        if kid_is_best:
             with atomic_path(out_dir / "best_generator.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(tmp))
+                save_file(_cpu_state(G), str(tmp))
         state = {"epoch": epoch, "best_kid": best_kid, "best_epoch": result.best_epoch,
                  "config": asdict(config), "history": [asdict(h) for h in result.history],
-                 "shuffle_rng": gen.get_state().tolist(), "extractor": extractor.name}
+                 "shuffle_rng": gen.get_state().tolist(), "extractor": extractor.name, "world_size": world}
         _save_checkpoint(ckpt_root, G, D, opt_g, opt_d, state)
         write_json(out_dir / "history.json", {"config": asdict(config), "extractor": extractor.name,
                                               "best_epoch": result.best_epoch,
                                               "history": [asdict(h) for h in result.history]})
         _plot_history(result.history, out_dir / "history.png")
         log.info("epoch %d: loss_d %.3f loss_g %.3f KID %.4f diversity %.2f", epoch, rec.loss_d, rec.loss_g, kid, rec.diversity)
+    bdist.barrier()  # the last checkpoint is complete before any rank returns (and, e.g., reads it)
     return result
 
 

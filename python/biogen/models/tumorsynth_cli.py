@@ -31,7 +31,7 @@ def _cmd_train(args) -> int:
     images, labels, classes = _load_images(args)
     config = TumorSynthConfig(generator=args.generator, image_size=args.image_size, batch_size=args.batch_size,
                               lr=args.lr, epochs=args.epochs, conditional=args.conditional, seed=args.seed,
-                              n_classes=max(2, len(classes)))
+                              n_classes=max(2, len(classes)), dropout=args.dropout)
     res = train(images, labels, config=config, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     last = res.history[-1] if res.history else None
     print(f"trained {len(res.history)} epoch(s) into {args.out}; best epoch by KID: {res.best_epoch}"
@@ -118,7 +118,9 @@ def add_cli(sub) -> None:
 
     t = s.add_parser("train", help="train a GAN, checkpointing every epoch",
                      description="Train Generator 1 or 2 against the discriminator with BCE and Adam; "
-                     "writes checkpoints (resumable), sample grids per epoch, KID and diversity per epoch.")
+                     "writes checkpoints (resumable), sample grids per epoch, KID and diversity per epoch. "
+                     "Runs data-parallel when started with torchrun (--batch-size is then the global batch, "
+                     "split evenly across processes; only rank 0 writes and prints).")
     data_opts(t)
     t.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume)")
     t.add_argument("--generator", choices=["g1", "g2"], default="g1", help="g1: dense + transposed convs (27.8M "
@@ -127,6 +129,7 @@ def add_cli(sub) -> None:
     t.add_argument("--batch-size", type=int, default=4, help="batch size (default 4, the seed's)")
     t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4; beta1 0.5)")
     t.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
+    t.add_argument("--dropout", type=float, default=0.4, help="dropout before D's last layer (default 0.4, the seed's)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t.set_defaults(func=_cmd_train)
