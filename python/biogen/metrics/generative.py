@@ -198,7 +198,18 @@ class DomainFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.body(images.float())
+        """Spatial mean and std of every conv block's activations, plus the penultimate layer.
+
+        The penultimate layer alone is trained to ignore everything but the classes, so noise and
+        realistic images can land close together; the early blocks keep texture and intensity
+        statistics, which is what a distance between image distributions needs.
+        """
+        x, feats = images.float(), []
+        for layer in self.model.body:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU) and x.dim() == 4:
+                feats += [x.mean((2, 3)), x.std((2, 3))]
+        return torch.cat(feats + [x], 1)
 
     @torch.no_grad()
     def probs(self, images) -> np.ndarray:
