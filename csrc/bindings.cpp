@@ -23,6 +23,16 @@ namespace py = pybind11;
 BIOGEN_CPU_DECLARE(void, bin_csr,
                    (const int64_t* indptr, const void* data, int is_f64, int64_t n_rows, const double* q,
                     int64_t n_edges, uint64_t seed, int64_t cell_offset, int32_t* out, int num_threads))
+// --- Performer FAVOR+ linear attention (csrc/cpu/performer.cpp) ---
+BIOGEN_CPU_DECLARE(void, performer_fwd,
+                   (int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int,
+                    int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                    int, float, int))
+BIOGEN_CPU_DECLARE(void, performer_bwd,
+                   (int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                    uintptr_t, uintptr_t, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                    int, float, int))
 
 #ifndef BIOGEN_VERSION
 #define BIOGEN_VERSION ""
@@ -94,4 +104,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seed"), py::arg("cell_offset"), py::arg("out"), py::arg("num_threads"),
       "scGPT binning of CSR rows (raw pointers: int64 indptr, float32/float64 data, float64 quantile levels, "
       "int32 out). Checked and called by biogen.sc.binning.bin_values.");
+  // Performer FAVOR+ linear attention (biogen/ops/performer.py)
+  m.def("performer_fwd_cpu", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
+                                uintptr_t ck, uintptr_t pad, int B, int H, int L, int D, int m_, int64_t qsb,
+                                int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
+                                int64_t vsh, int64_t vsl, int causal, int relu, float eps, int threads) {
+    py::gil_scoped_release nogil;
+    BIOGEN_CPU_CALL(performer_fwd, dtype, q, k, v, proj, out, ck, pad, B, H, L, D, m_, qsb, qsh, qsl, ksb, ksh, ksl,
+                    vsb, vsh, vsl, causal, relu, eps, threads);
+  });
+  m.def("performer_bwd_cpu", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
+                                uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, int B,
+                                int H, int L, int D, int m_, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb,
+                                int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int64_t osb,
+                                int64_t osh, int64_t osl, int64_t gsb, int64_t gsh, int64_t gsl, int causal,
+                                int relu, float eps, int threads) {
+    py::gil_scoped_release nogil;
+    BIOGEN_CPU_CALL(performer_bwd, dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, B, H, L, D, m_, qsb, qsh, qsl,
+                    ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl, gsb, gsh, gsl, causal, relu, eps, threads);
+  });
 }

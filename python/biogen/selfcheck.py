@@ -54,9 +54,34 @@ def _check_masked_attention(backend: str, device: torch.device) -> tuple[float, 
     return _max_err(out.cpu(), ref), _max_err([g_.cpu() for g_ in grads], ref_grads)
 
 
+def _check_performer(backend: str, device: torch.device) -> tuple[float, float]:
+    from .ops import gaussian_orthogonal_random_matrix, performer_attention
+    from .ops.reference import performer_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, D, m = 2, 2, 37, 24, 29
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    w = gaussian_orthogonal_random_matrix(m, D, generator=g)
+    pad = torch.arange(L)[None, :] >= torch.tensor([L, L - 9])[:, None]
+    fwd = bwd = 0.0
+    for causal in (False, True):
+        ref_args = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        ref, _ = performer_attention_ref(*ref_args, w.double(), pad, causal)
+        gout = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, ref_args, gout)
+        args = [t.float().to(device).requires_grad_(True) for t in (q, k, v)]
+        out = performer_attention(*args, w.to(device), key_padding_mask=pad.to(device), causal=causal,
+                                  backend=backend)
+        grads = torch.autograd.grad(out, args, gout.float().to(device))
+        fwd = max(fwd, _max_err(out.cpu(), ref))
+        bwd = max(bwd, _max_err([g_.cpu() for g_ in grads], ref_grads))
+    return fwd, bwd
+
+
 # op name -> check(backend, device) -> (forward error, backward error); tolerance for float32
 CHECKS: dict[str, tuple[Callable[[str, torch.device], tuple[float, float]], float, object]] = {
     "masked_gene_attention": (_check_masked_attention, 1e-4, "biogen.ops.masked_attention:OP"),
+    "performer_attention": (_check_performer, 1e-4, "biogen.ops.performer:OP"),
 }
 
 

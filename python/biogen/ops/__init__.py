@@ -14,12 +14,15 @@ from ._runtime import (
     use_backend,
 )
 from .masked_attention import masked_gene_attention
+from .performer import gaussian_orthogonal_random_matrix, performer_attention
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
     "build_info",
+    "gaussian_orthogonal_random_matrix",
     "masked_gene_attention",
+    "performer_attention",
     "use_backend",
 ]

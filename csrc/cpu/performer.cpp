@@ -1,0 +1,757 @@
+// Performer FAVOR+ linear attention (SPEC 1.2), forward and backward, CPU: OpenMP + v16f.
+//
+// phi(x) = ratio * (E(x) + eps) with, for the softmax kernel, E = exp(s x.W_f - s^2|x|^2/2 - c),
+// s = D^-0.25, ratio = m^-0.5, c the (detached) stabiliser; for the relu kernel E = relu(s x.W_f),
+// ratio = 1, c = 0. Non-causal: out_i = phi(q_i) C / (phi(q_i) . z) with C = sum_j phi(k_j) v_j^T,
+// z = sum_j phi(k_j) over valid keys. Keys are streamed once in tiles of kTile; phi(K) and phi(Q)
+// exist only one tile at a time. The exp part of C and z is accumulated apart from the eps part
+// (eps * sum_j v_j, eps * count): only the exp part is rescaled by exp(c_old - c_new) when the
+// running key max grows, which keeps the result exactly that of the global-max definition.
+// Causal: prefix sums token by token over an m x D state (it stays in L2), as in
+// performer-pytorch's causal_linear_attention_noncuda, including its 1e-6 in the denominator.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "biogen/common.h"
+#include "biogen/vec.h"
+
+namespace BIOGEN_CPU_NS {
+namespace {
+
+using biogen::v16f;
+using biogen::vbroadcast;
+using biogen::vexp;
+using biogen::vload;
+using biogen::vmax;
+using biogen::vstore;
+using biogen::kVec;
+
+constexpr int kTile = 64;  // rows of a feature tile: 64 x 288 floats of phi stays in L1/L2
+constexpr float kCausalEps = 1e-6f;
+
+inline int round_up(int x, int to) { return (x + to - 1) / to * to; }
+
+// Y[R x 16*NC] = X[R x K] @ Bm[K x 16*NC] (row-broadcast microkernel; accumulators in registers).
+template <int R, int NC>
+inline void micro_nn(const float* X, int ldx, int K, const float* Bm, int ldb, float* Y, int ldy) {
+  v16f acc[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[r][c] = vbroadcast(0.f);
+  for (int kk = 0; kk < K; ++kk) {
+    v16f b[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) b[c] = vload(Bm + (int64_t)kk * ldb + c * kVec);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const v16f x = vbroadcast(X[(int64_t)r * ldx + kk]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] += x * b[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) vstore(Y + (int64_t)r * ldy + c * kVec, acc[r][c]);
+}
+
+// Y = X @ Bm for `rows` rows and `ncols` (a multiple of 16) columns.
+void gemm_nn(const float* X, int ldx, int rows, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    int c = 0;
+    for (; c + 32 <= ncols; c += 32) micro_nn<4, 2>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+    for (; c < ncols; c += 16) micro_nn<4, 1>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+  }
+  for (; r < rows; ++r) {
+    int c = 0;
+    for (; c + 32 <= ncols; c += 32) micro_nn<1, 2>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+    for (; c < ncols; c += 16) micro_nn<1, 1>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+  }
+}
+
+// A[F x 16*NV] += X[rows x F-block]^T @ V[rows x 16*NV] for one block of FB feature rows.
+template <int FB, int NV>
+inline void micro_tn(const float* X, int ldx, int rows, const float* V, int ldv, float* A, int lda) {
+  v16f acc[FB][NV];
+#pragma GCC unroll 8
+  for (int f = 0; f < FB; ++f)
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) acc[f][c] = vload(A + (int64_t)f * lda + c * kVec);
+  for (int t = 0; t < rows; ++t) {
+    v16f vv[NV];
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) vv[c] = vload(V + (int64_t)t * ldv + c * kVec);
+#pragma GCC unroll 8
+    for (int f = 0; f < FB; ++f) {
+      const v16f x = vbroadcast(X[(int64_t)t * ldx + f]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) acc[f][c] += x * vv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int f = 0; f < FB; ++f)
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) vstore(A + (int64_t)f * lda + c * kVec, acc[f][c]);
+}
+
+template <int NV>
+void gemm_tn_acc_nv(const float* X, int ldx, int rows, int F, const float* V, int ldv, float* A, int lda) {
+  constexpr int FB = NV <= 2 ? 8 : NV <= 4 ? 4 : 2;
+  int f = 0;
+  for (; f + FB <= F; f += FB) micro_tn<FB, NV>(X + f, ldx, rows, V, ldv, A + (int64_t)f * lda, lda);
+  for (; f < F; ++f) micro_tn<1, NV>(X + f, ldx, rows, V, ldv, A + (int64_t)f * lda, lda);
+}
+
+// A[F x 16*nv] += X^T V, X: rows x F (ld ldx), V: rows x 16*nv.
+void gemm_tn_acc(const float* X, int ldx, int rows, int F, const float* V, int ldv, int nv, float* A, int lda) {
+  switch (nv) {
+    case 1: gemm_tn_acc_nv<1>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 2: gemm_tn_acc_nv<2>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 3: gemm_tn_acc_nv<3>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 4: gemm_tn_acc_nv<4>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 5: gemm_tn_acc_nv<5>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 6: gemm_tn_acc_nv<6>(X, ldx, rows, F, V, ldv, A, lda); break;
+    case 7: gemm_tn_acc_nv<7>(X, ldx, rows, F, V, ldv, A, lda); break;
+    default: gemm_tn_acc_nv<8>(X, ldx, rows, F, V, ldv, A, lda); break;
+  }
+}
+
+inline float dot(const float* a, const float* b, int n) {  // n a multiple of 16
+  v16f acc = vbroadcast(0.f);
+  for (int i = 0; i < n; i += kVec) acc += vload(a + i) * vload(b + i);
+  return biogen::vsum(acc);
+}
+
+// Everything one call needs; S is the storage type (F32 / F16 / BF16).
+template <class S>
+struct Problem {
+  using T = typename S::T;
+  int B, H, L, D, m, Dp, Mp, NV;
+  float s, ratio, eps;
+  bool relu;
+  const uint8_t* pad;
+  std::vector<float> Wt;  // D x Mp: s-free projection, transposed, zero columns beyond m
+  std::vector<float> Wp;  // Mp x Dp: projection padded with zeros
+
+  void init(const float* W) {
+    Dp = round_up(D, kVec);
+    Mp = round_up(m, 32);
+    NV = Dp / kVec;
+    Wt.assign((size_t)D * Mp, 0.f);
+    Wp.assign((size_t)Mp * Dp, 0.f);
+    for (int f = 0; f < m; ++f)
+      for (int d = 0; d < D; ++d) {
+        Wt[(size_t)d * Mp + f] = W[(size_t)f * D + d];
+        Wp[(size_t)f * Dp + d] = W[(size_t)f * D + d];
+      }
+  }
+  bool valid(int b, int l) const { return pad == nullptr || pad[(int64_t)b * L + l] == 0; }
+
+  // Rows idx[0..n) of one (b, h) slice of x into dst (n x Dp, zero beyond D).
+  void load(const T* x, int64_t sb, int64_t sh, int64_t sl, int b, int h, const int* idx, int n, float* dst) const {
+    const T* base = x + b * sb + h * sh;
+    for (int t = 0; t < n; ++t) {
+      const T* row = base + idx[t] * sl;
+      float* o = dst + (int64_t)t * Dp;
+      for (int d = 0; d < D; ++d) o[d] = S::load(row + d);
+      for (int d = D; d < Dp; ++d) o[d] = 0.f;
+    }
+  }
+
+  // dd = s X W^T into F (n x Mp) and rowdiag = s^2 |x|^2 / 2.
+  void projections(const float* X, int n, float* F, float* diag) const {
+    gemm_nn(X, Dp, n, D, Wt.data(), Mp, Mp, F, Mp);
+    const v16f sv = vbroadcast(s);
+    for (int t = 0; t < n; ++t) {
+      float* f = F + (int64_t)t * Mp;
+      for (int j = 0; j < Mp; j += kVec) vstore(f + j, vload(f + j) * sv);
+      diag[t] = dot(X + (int64_t)t * Dp, X + (int64_t)t * Dp, Dp) * (s * s * 0.5f);
+    }
+  }
+
+  float row_max(const float* f) const {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < m; ++j) mx = std::max(mx, f[j]);
+    return mx;
+  }
+
+  // In place: F (raw projections) -> E (exp part, or relu part); columns >= m set to 0.
+  // c: the stabiliser for every row (keys) or nullptr for the per-row max (queries).
+  void exp_part(float* F, const float* diag, int n, const float* c_all) const {
+    for (int t = 0; t < n; ++t) {
+      float* f = F + (int64_t)t * Mp;
+      if (relu) {
+        for (int j = 0; j < Mp; j += kVec) vstore(f + j, vmax(vload(f + j), vbroadcast(0.f)));
+      } else {
+        const float c = c_all ? *c_all : row_max(f);
+        const v16f sh = vbroadcast(diag[t] + c);
+        for (int j = 0; j < Mp; j += kVec) vstore(f + j, vexp(vload(f + j) - sh));
+      }
+      for (int j = m; j < Mp; ++j) f[j] = 0.f;
+    }
+  }
+
+  // phi = ratio (E + eps) on columns < m, 0 beyond.
+  void phi_from_e(const float* E, int n, float* P) const {
+    for (int t = 0; t < n; ++t) {
+      const float* e = E + (int64_t)t * Mp;
+      float* p = P + (int64_t)t * Mp;
+      for (int j = 0; j < m; ++j) p[j] = ratio * (e[j] + eps);
+      for (int j = m; j < Mp; ++j) p[j] = 0.f;
+    }
+  }
+
+  // G = dphi * dphi/d(dd): ratio E (softmax) or [E > 0] (relu), in place on dP.
+  void chain(float* dP, const float* E, int n) const {
+    for (int t = 0; t < n; ++t) {
+      float* g = dP + (int64_t)t * Mp;
+      const float* e = E + (int64_t)t * Mp;
+      for (int j = 0; j < Mp; ++j) g[j] = relu ? (e[j] > 0.f ? g[j] : 0.f) : g[j] * ratio * e[j];
+    }
+  }
+
+  // dx = s G W - s^2 x sum_f G (softmax only) into dx rows (n x Dp).
+  void input_grad(const float* G, const float* X, int n, float* dX) const {
+    gemm_nn(G, Mp, n, m, Wp.data(), Dp, Dp, dX, Dp);
+    for (int t = 0; t < n; ++t) {
+      float* o = dX + (int64_t)t * Dp;
+      float gs = 0.f;
+      if (!relu)
+        for (int j = 0; j < m; ++j) gs += G[(int64_t)t * Mp + j];
+      const float* x = X + (int64_t)t * Dp;
+      for (int d = 0; d < Dp; ++d) o[d] = s * o[d] - (s * s) * gs * x[d];
+    }
+  }
+};
+
+struct Tile {  // per-thread scratch
+  std::vector<float> X, V, F, E, P, G, diag, tmp;
+  std::vector<int> idx;
+  Tile(int Dp, int Mp) : X(kTile * Dp), V(kTile * Dp), F(kTile * Mp), E(kTile * Mp), P(kTile * Mp),
+                         G(kTile * Dp), diag(kTile), tmp(kTile * Dp), idx(kTile) {}
+};
+
+// Partial key state of one (b, h) over positions [l0, l1): exp-part sums relative to c, eps parts.
+struct KeyState {
+  float* A;   // Mp x Dp: sum E_j v_j^T
+  float* zE;  // Mp: sum E_j
+  float* sv;  // Dp: sum v_j
+  float c, n;
+};
+
+template <class S>
+void key_pass(const Problem<S>& P, const typename S::T* k, const int64_t* ks, const typename S::T* v,
+              const int64_t* vs, int b, int h, int l0, int l1, Tile& w, KeyState& st) {
+  st.c = -std::numeric_limits<float>::infinity();
+  st.n = 0.f;
+  std::fill(st.A, st.A + (size_t)P.Mp * P.Dp, 0.f);
+  std::fill(st.zE, st.zE + P.Mp, 0.f);
+  std::fill(st.sv, st.sv + P.Dp, 0.f);
+  if (P.relu) st.c = 0.f;
+  for (int t0 = l0; t0 < l1; t0 += kTile) {
+    int n = 0;
+    for (int l = t0; l < std::min(l1, t0 + kTile); ++l)
+      if (P.valid(b, l)) w.idx[n++] = l;
+    if (n == 0) continue;
+    P.load(k, ks[0], ks[1], ks[2], b, h, w.idx.data(), n, w.X.data());
+    P.load(v, vs[0], vs[1], vs[2], b, h, w.idx.data(), n, w.V.data());
+    P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+    if (!P.relu) {
+      float cm = st.c;
+      for (int t = 0; t < n; ++t) cm = std::max(cm, P.row_max(w.F.data() + (int64_t)t * P.Mp));
+      if (cm > st.c) {
+        const float r = std::exp(st.c - cm);  // 0 on the first tile
+        for (size_t i = 0; i < (size_t)P.Mp * P.Dp; ++i) st.A[i] *= r;
+        for (int j = 0; j < P.Mp; ++j) st.zE[j] *= r;
+        st.c = cm;
+      }
+    }
+    P.exp_part(w.F.data(), w.diag.data(), n, &st.c);
+    gemm_tn_acc(w.F.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, st.A, P.Dp);
+    for (int t = 0; t < n; ++t) {
+      const float* e = w.F.data() + (int64_t)t * P.Mp;
+      for (int j = 0; j < P.Mp; j += kVec) vstore(st.zE + j, vload(st.zE + j) + vload(e + j));
+      const float* vv = w.V.data() + (int64_t)t * P.Dp;
+      for (int d = 0; d < P.Dp; d += kVec) vstore(st.sv + d, vload(st.sv + d) + vload(vv + d));
+    }
+    st.n += (float)n;
+  }
+}
+
+// Full (b, h) key state from `splits` partial ones: C = ratio (A + eps sv), z = ratio (zE + eps n).
+template <class S>
+void merge_states(const Problem<S>& P, const std::vector<KeyState>& parts, int first, int splits, float* C,
+                  float* z, float* c_out) {
+  float c = P.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  float n = 0.f;
+  for (int i = 0; i < splits; ++i) {
+    const KeyState& p = parts[first + i];
+    if (p.n > 0) c = std::max(c, p.c);
+    n += p.n;
+  }
+  const size_t MD = (size_t)P.Mp * P.Dp;
+  std::fill(C, C + MD, 0.f);
+  std::fill(z, z + P.Mp, 0.f);
+  std::vector<float> sv(P.Dp, 0.f);
+  for (int i = 0; i < splits; ++i) {
+    const KeyState& p = parts[first + i];
+    if (p.n == 0) continue;
+    const float r = P.relu ? 1.f : std::exp(p.c - c);
+    for (size_t j = 0; j < MD; ++j) C[j] += r * p.A[j];
+    for (int j = 0; j < P.Mp; ++j) z[j] += r * p.zE[j];
+    for (int d = 0; d < P.Dp; ++d) sv[d] += p.sv[d];
+  }
+  for (int f = 0; f < P.Mp; ++f) {
+    float* row = C + (size_t)f * P.Dp;
+    if (f >= P.m) {
+      std::fill(row, row + P.Dp, 0.f);
+      z[f] = 0.f;
+      continue;
+    }
+    for (int d = 0; d < P.Dp; ++d) row[d] = P.ratio * (row[d] + P.eps * sv[d]);
+    z[f] = P.ratio * (z[f] + P.eps * n);
+  }
+  *c_out = std::isfinite(c) ? c : 0.f;
+}
+
+// Key states of every (b, h): parallel over (b, h) and, when B*H is smaller than the thread count,
+// over key ranges too (partial states merged with running-max rescaling).
+template <class S>
+void all_key_states(const Problem<S>& P, const typename S::T* k, const int64_t* ks, const typename S::T* v,
+                    const int64_t* vs, int threads, std::vector<float>& C, std::vector<float>& z,
+                    std::vector<float>& cst) {
+  const int BH = P.B * P.H;
+  const int nchunks = (P.L + kTile - 1) / kTile;
+  const int splits = std::max(1, std::min(nchunks, (threads + BH - 1) / BH));
+  const int per = (nchunks + splits - 1) / splits * kTile;
+  const size_t MD = (size_t)P.Mp * P.Dp;
+  std::vector<float> buf((size_t)BH * splits * (MD + P.Mp + P.Dp));
+  std::vector<KeyState> parts((size_t)BH * splits);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    float* base = buf.data() + i * (MD + P.Mp + P.Dp);
+    parts[i] = KeyState{base, base + MD, base + MD + P.Mp, 0.f, 0.f};
+  }
+  C.assign((size_t)BH * MD, 0.f);
+  z.assign((size_t)BH * P.Mp, 0.f);
+  cst.assign(BH, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * splits; ++task) {
+      const int bh = (int)(task / splits), sp = (int)(task % splits);
+      const int l0 = std::min(P.L, sp * per), l1 = std::min(P.L, l0 + per);
+      key_pass(P, k, ks, v, vs, bh / P.H, bh % P.H, l0, l1, w, parts[task]);
+    }
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < BH; ++bh)
+      merge_states(P, parts, bh * splits, splits, C.data() + bh * MD, z.data() + (size_t)bh * P.Mp, &cst[bh]);
+  }
+}
+
+// Valid rows of one tile of positions [t0, t0 + kTile).
+template <class S>
+int tile_rows(const Problem<S>& P, int b, int t0, int* idx) {
+  int n = 0;
+  for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
+    if (P.valid(b, l)) idx[n++] = l;
+  return n;
+}
+
+template <class S>
+void store_row(const Problem<S>& P, typename S::T* out, int b, int h, int l, const float* src) {
+  typename S::T* o = out + (((int64_t)b * P.H + h) * P.L + l) * P.D;
+  for (int d = 0; d < P.D; ++d) S::store(o + d, src ? src[d] : 0.f);
+}
+
+inline void store_f32(float* dst, int64_t H, int64_t L, int64_t D, int b, int h, int l, const float* src) {
+  float* o = dst + (((int64_t)b * H + h) * L + l) * D;
+  for (int d = 0; d < D; ++d) o[d] = src ? src[d] : 0.f;
+}
+
+struct Strides {
+  int64_t q[3], k[3], v[3], o[3], g[3];
+};
+
+// ----------------------------------------------------------------------------- non-causal
+
+template <class S>
+void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
+                   typename S::T* out, float* ck, const Strides& st, int threads) {
+  std::vector<float> C, z, cst;
+  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+  const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
+  const size_t MD = (size_t)P.Mp * P.Dp;
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * nchunks; ++task) {
+      const int bh = (int)(task / nchunks), b = bh / P.H, h = bh % P.H, t0 = (int)(task % nchunks) * kTile;
+      for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
+        if (!P.valid(b, l)) store_row(P, out, b, h, l, nullptr);
+      const int n = tile_rows(P, b, t0, w.idx.data());
+      if (n == 0) continue;
+      P.load(q, st.q[0], st.q[1], st.q[2], b, h, w.idx.data(), n, w.X.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      P.exp_part(w.F.data(), w.diag.data(), n, nullptr);
+      P.phi_from_e(w.F.data(), n, w.P.data());
+      gemm_nn(w.P.data(), P.Mp, n, P.m, C.data() + bh * MD, P.Dp, P.Dp, w.tmp.data(), P.Dp);
+      for (int t = 0; t < n; ++t) {
+        const float inv = 1.f / dot(w.P.data() + (int64_t)t * P.Mp, z.data() + (size_t)bh * P.Mp, P.Mp);
+        float* o = w.tmp.data() + (int64_t)t * P.Dp;
+        for (int d = 0; d < P.Dp; ++d) o[d] *= inv;
+        store_row(P, out, b, h, w.idx[t], o);
+      }
+    }
+  }
+  for (int bh = 0; bh < BH; ++bh) ck[bh] = cst[bh];
+}
+
+template <class S>
+void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
+                   const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
+                   const Strides& st, int threads) {
+  std::vector<float> C, z, cst;
+  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+  const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
+  const size_t MD = (size_t)P.Mp * P.Dp;
+  // C^T per (b, h) for dphi(q) = dnum C^T as a row-broadcast product.
+  std::vector<float> CT((size_t)BH * P.Dp * P.Mp);
+  for (int bh = 0; bh < BH; ++bh)
+    for (int f = 0; f < P.Mp; ++f)
+      for (int d = 0; d < P.Dp; ++d) CT[(size_t)bh * MD + (size_t)d * P.Mp + f] = C[(size_t)bh * MD + (size_t)f * P.Dp + d];
+  // Query pass: dq, and dC = sum phi(q)^T dnum, dz = sum dden phi(q) in partial sums per split.
+  const int splits = std::max(1, std::min(nchunks, (threads + BH - 1) / BH));
+  const int per = (nchunks + splits - 1) / splits;
+  std::vector<float> dCp((size_t)BH * splits * MD, 0.f), dzp((size_t)BH * splits * P.Mp, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+    std::vector<float> dden(kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * splits; ++task) {
+      const int bh = (int)(task / splits), sp = (int)(task % splits), b = bh / P.H, h = bh % P.H;
+      float* dC = dCp.data() + task * MD;
+      float* dz = dzp.data() + task * P.Mp;
+      for (int c = sp * per; c < std::min(nchunks, (sp + 1) * per); ++c) {
+        const int t0 = c * kTile;
+        for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
+          if (!P.valid(b, l)) store_f32(dq, P.H, P.L, P.D, b, h, l, nullptr);
+        const int n = tile_rows(P, b, t0, w.idx.data());
+        if (n == 0) continue;
+        P.load(q, st.q[0], st.q[1], st.q[2], b, h, w.idx.data(), n, w.X.data());
+        P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.V.data());   // dO
+        P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.tmp.data());  // O
+        P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+        P.exp_part(w.F.data(), w.diag.data(), n, nullptr);
+        P.phi_from_e(w.F.data(), n, w.P.data());
+        for (int t = 0; t < n; ++t) {
+          const float den = dot(w.P.data() + (int64_t)t * P.Mp, z.data() + (size_t)bh * P.Mp, P.Mp);
+          float* g = w.V.data() + (int64_t)t * P.Dp;
+          dden[t] = -dot(g, w.tmp.data() + (int64_t)t * P.Dp, P.Dp) / den;
+          const float inv = 1.f / den;
+          for (int d = 0; d < P.Dp; ++d) g[d] *= inv;  // dO -> dnum
+        }
+        // dphi(q) = dnum C^T + dden z  (into G-sized buffer E? reuse w.G needs Mp: use F after chain)
+        std::vector<float>& dP = w.E;
+        gemm_nn(w.V.data(), P.Dp, n, P.D, CT.data() + bh * MD, P.Mp, P.Mp, dP.data(), P.Mp);
+        for (int t = 0; t < n; ++t) {
+          float* r = dP.data() + (int64_t)t * P.Mp;
+          const float* zz = z.data() + (size_t)bh * P.Mp;
+          const v16f dd = vbroadcast(dden[t]);
+          for (int j = 0; j < P.Mp; j += kVec) vstore(r + j, vload(r + j) + dd * vload(zz + j));
+        }
+        gemm_tn_acc(w.P.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, dC, P.Dp);
+        for (int t = 0; t < n; ++t) {
+          const v16f dd = vbroadcast(dden[t]);
+          const float* p = w.P.data() + (int64_t)t * P.Mp;
+          for (int j = 0; j < P.Mp; j += kVec) vstore(dz + j, vload(dz + j) + dd * vload(p + j));
+        }
+        P.chain(dP.data(), w.F.data(), n);
+        P.input_grad(dP.data(), w.X.data(), n, w.tmp.data());
+        for (int t = 0; t < n; ++t) store_f32(dq, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+      }
+    }
+  }
+  // Reduce the partial dC, dz; keep dC and dC^T.
+  std::vector<float> dC((size_t)BH * MD, 0.f), dCT((size_t)BH * MD, 0.f), dz((size_t)BH * P.Mp, 0.f);
+  for (int bh = 0; bh < BH; ++bh)
+    for (int sp = 0; sp < splits; ++sp) {
+      const size_t task = (size_t)bh * splits + sp;
+      for (size_t j = 0; j < MD; ++j) dC[bh * MD + j] += dCp[task * MD + j];
+      for (int j = 0; j < P.Mp; ++j) dz[(size_t)bh * P.Mp + j] += dzp[task * P.Mp + j];
+    }
+  for (int bh = 0; bh < BH; ++bh)
+    for (int f = 0; f < P.Mp; ++f)
+      for (int d = 0; d < P.Dp; ++d) dCT[(size_t)bh * MD + (size_t)d * P.Mp + f] = dC[(size_t)bh * MD + (size_t)f * P.Dp + d];
+  // Key pass: dphi(k) = v dC^T + dz, dv = phi(k) dC, dk through the features (stabiliser constant).
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * nchunks; ++task) {
+      const int bh = (int)(task / nchunks), b = bh / P.H, h = bh % P.H, t0 = (int)(task % nchunks) * kTile;
+      for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
+        if (!P.valid(b, l)) {
+          store_f32(dk, P.H, P.L, P.D, b, h, l, nullptr);
+          store_f32(dv, P.H, P.L, P.D, b, h, l, nullptr);
+        }
+      const int n = tile_rows(P, b, t0, w.idx.data());
+      if (n == 0) continue;
+      P.load(k, st.k[0], st.k[1], st.k[2], b, h, w.idx.data(), n, w.X.data());
+      P.load(v, st.v[0], st.v[1], st.v[2], b, h, w.idx.data(), n, w.V.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      P.exp_part(w.F.data(), w.diag.data(), n, &cst[bh]);
+      P.phi_from_e(w.F.data(), n, w.P.data());
+      gemm_nn(w.P.data(), P.Mp, n, P.m, dC.data() + bh * MD, P.Dp, P.Dp, w.tmp.data(), P.Dp);
+      for (int t = 0; t < n; ++t) store_f32(dv, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+      std::vector<float>& dP = w.E;
+      gemm_nn(w.V.data(), P.Dp, n, P.D, dCT.data() + bh * MD, P.Mp, P.Mp, dP.data(), P.Mp);
+      for (int t = 0; t < n; ++t) {
+        float* r = dP.data() + (int64_t)t * P.Mp;
+        const float* zz = dz.data() + (size_t)bh * P.Mp;
+        for (int j = 0; j < P.Mp; j += kVec) vstore(r + j, vload(r + j) + vload(zz + j));
+      }
+      P.chain(dP.data(), w.F.data(), n);
+      P.input_grad(dP.data(), w.X.data(), n, w.tmp.data());
+      for (int t = 0; t < n; ++t) store_f32(dk, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- causal
+
+// phi(q) (with its exp part in E) and phi(k) (exp part in Ek) of one tile; rows not valid are zero.
+template <class S>
+struct CausalTile {
+  std::vector<float> Xq, Xk, V, Eq, Ek, Pq, Pk, dq, tmp, G, diag_q, diag_k, O, dO;
+  std::vector<int> idx, valid;
+  CausalTile(int Dp, int Mp)
+      : Xq(kTile * Dp), Xk(kTile * Dp), V(kTile * Dp), Eq(kTile * Mp), Ek(kTile * Mp), Pq(kTile * Mp),
+        Pk(kTile * Mp), dq(kTile * Mp), tmp(kTile * Dp), G(kTile * Mp), diag_q(kTile), diag_k(kTile),
+        O(kTile * Dp), dO(kTile * Dp), idx(kTile), valid(kTile) {}
+
+  // Loads rows t0.. of a tile (all positions, so row t is position t0 + t; padded rows zeroed).
+  int fill(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
+           const Strides& st, int b, int h, int t0, float ck) {
+    const int n = std::min(kTile, P.L - t0);
+    for (int t = 0; t < n; ++t) {
+      idx[t] = t0 + t;
+      valid[t] = P.valid(b, t0 + t);
+    }
+    P.load(q, st.q[0], st.q[1], st.q[2], b, h, idx.data(), n, Xq.data());
+    P.load(k, st.k[0], st.k[1], st.k[2], b, h, idx.data(), n, Xk.data());
+    P.load(v, st.v[0], st.v[1], st.v[2], b, h, idx.data(), n, V.data());
+    for (int t = 0; t < n; ++t)  // padding may hold anything (NaN): never let it reach the maths
+      if (!valid[t])
+        for (int d = 0; d < P.Dp; ++d) Xq[t * P.Dp + d] = Xk[t * P.Dp + d] = V[t * P.Dp + d] = 0.f;
+    P.projections(Xq.data(), n, Eq.data(), diag_q.data());
+    P.exp_part(Eq.data(), diag_q.data(), n, nullptr);
+    P.phi_from_e(Eq.data(), n, Pq.data());
+    P.projections(Xk.data(), n, Ek.data(), diag_k.data());
+    P.exp_part(Ek.data(), diag_k.data(), n, &ck);
+    P.phi_from_e(Ek.data(), n, Pk.data());
+    for (int t = 0; t < n; ++t)
+      if (!valid[t]) std::fill(Pk.begin() + t * P.Mp, Pk.begin() + (t + 1) * P.Mp, 0.f);
+    return n;
+  }
+};
+
+// Acc[Dp] = sum_f x[f] M[f, :] over f < m.
+inline void vec_mat(const float* x, const float* M, int m, int Dp, float* acc) {
+  std::fill(acc, acc + Dp, 0.f);
+  for (int f = 0; f < m; ++f) {
+    const v16f xf = vbroadcast(x[f]);
+    for (int d = 0; d < Dp; d += kVec) vstore(acc + d, vload(acc + d) + xf * vload(M + (int64_t)f * Dp + d));
+  }
+}
+// M[f, :] += x[f] y for f < m.
+inline void outer_acc(const float* x, const float* y, int m, int Dp, float* M) {
+  for (int f = 0; f < m; ++f) {
+    const v16f xf = vbroadcast(x[f]);
+    for (int d = 0; d < Dp; d += kVec) vstore(M + (int64_t)f * Dp + d, vload(M + (int64_t)f * Dp + d) + xf * vload(y + d));
+  }
+}
+
+template <class S>
+void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const typename S::T* v, const Strides& st,
+                        int threads, std::vector<float>& cst) {
+  std::vector<float> C, z;
+  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+}
+
+template <class S>
+void fwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
+                typename S::T* out, float* ck, const Strides& st, int threads) {
+  std::vector<float> cst;
+  causal_stabilisers(P, k, v, st, threads, cst);
+  const int BH = P.B * P.H;
+#pragma omp parallel num_threads(threads)
+  {
+    CausalTile<S> w(P.Dp, P.Mp);
+    std::vector<float> Sm((size_t)P.Mp * P.Dp), z(P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < BH; ++bh) {
+      const int b = bh / P.H, h = bh % P.H;
+      std::fill(Sm.begin(), Sm.end(), 0.f);
+      std::fill(z.begin(), z.end(), 0.f);
+      for (int t0 = 0; t0 < P.L; t0 += kTile) {
+        const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
+        for (int t = 0; t < n; ++t) {
+          if (!w.valid[t]) {
+            store_row(P, out, b, h, t0 + t, nullptr);
+            continue;
+          }
+          const float* pk = w.Pk.data() + t * P.Mp;
+          outer_acc(pk, w.V.data() + t * P.Dp, P.m, P.Dp, Sm.data());
+          for (int j = 0; j < P.Mp; j += kVec) vstore(z.data() + j, vload(z.data() + j) + vload(pk + j));
+          const float* pq = w.Pq.data() + t * P.Mp;
+          float den = 0.f;
+          for (int f = 0; f < P.m; ++f) den += pq[f] * (z[f] + kCausalEps);
+          vec_mat(pq, Sm.data(), P.m, P.Dp, w.tmp.data());
+          for (int d = 0; d < P.Dp; ++d) w.tmp[d] /= den;
+          store_row(P, out, b, h, t0 + t, w.tmp.data());
+        }
+      }
+    }
+  }
+  for (int bh = 0; bh < BH; ++bh) ck[bh] = cst[bh];
+}
+
+template <class S>
+void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
+                const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
+                const Strides& st, int threads) {
+  std::vector<float> cst;
+  causal_stabilisers(P, k, v, st, threads, cst);
+  const int BH = P.B * P.H;
+  std::vector<float> den_all((size_t)BH * P.L, 1.f);
+#pragma omp parallel num_threads(threads)
+  {
+    CausalTile<S> w(P.Dp, P.Mp);
+    std::vector<float> Sm((size_t)P.Mp * P.Dp), z(P.Mp), dnum(P.Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < BH; ++bh) {
+      const int b = bh / P.H, h = bh % P.H;
+      // Forward direction: dphi(q_i) = S_i dnum_i + (z_i + 1e-6) dden_i with prefix sums S_i, z_i.
+      std::fill(Sm.begin(), Sm.end(), 0.f);
+      std::fill(z.begin(), z.end(), 0.f);
+      for (int t0 = 0; t0 < P.L; t0 += kTile) {
+        const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
+        P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.dO.data());
+        P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.O.data());
+        for (int t = 0; t < n; ++t) {
+          float* g = w.G.data() + t * P.Mp;
+          std::fill(g, g + P.Mp, 0.f);
+          if (!w.valid[t]) continue;
+          const float* pk = w.Pk.data() + t * P.Mp;
+          outer_acc(pk, w.V.data() + t * P.Dp, P.m, P.Dp, Sm.data());
+          for (int j = 0; j < P.Mp; j += kVec) vstore(z.data() + j, vload(z.data() + j) + vload(pk + j));
+          const float* pq = w.Pq.data() + t * P.Mp;
+          float den = 0.f;
+          for (int f = 0; f < P.m; ++f) den += pq[f] * (z[f] + kCausalEps);
+          den_all[(size_t)bh * P.L + t0 + t] = den;
+          const float* dO = w.dO.data() + t * P.Dp;
+          const float dden = -dot(dO, w.O.data() + t * P.Dp, P.Dp) / den;
+          for (int d = 0; d < P.Dp; ++d) dnum[d] = dO[d] / den;
+          for (int f = 0; f < P.m; ++f) g[f] = dot(Sm.data() + (int64_t)f * P.Dp, dnum.data(), P.Dp) + (z[f] + kCausalEps) * dden;
+        }
+        P.chain(w.G.data(), w.Eq.data(), n);
+        P.input_grad(w.G.data(), w.Xq.data(), n, w.tmp.data());
+        for (int t = 0; t < n; ++t)
+          store_f32(dq, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.tmp.data() + t * P.Dp : nullptr);
+      }
+      // Reverse direction: R_j = sum_{i>=j} phi(q_i) dnum_i^T, r_j = sum_{i>=j} dden_i phi(q_i);
+      // dphi(k_j) = R_j v_j + r_j, dv_j = R_j^T phi(k_j).
+      std::fill(Sm.begin(), Sm.end(), 0.f);  // R
+      std::fill(z.begin(), z.end(), 0.f);    // r
+      const int last = (P.L - 1) / kTile * kTile;
+      for (int t0 = last; t0 >= 0; t0 -= kTile) {
+        const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
+        P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.dO.data());
+        P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.O.data());
+        for (int t = n - 1; t >= 0; --t) {
+          float* g = w.G.data() + t * P.Mp;
+          std::fill(g, g + P.Mp, 0.f);
+          if (!w.valid[t]) continue;
+          const float den = den_all[(size_t)bh * P.L + t0 + t];
+          const float* dO = w.dO.data() + t * P.Dp;
+          const float dden = -dot(dO, w.O.data() + t * P.Dp, P.Dp) / den;
+          for (int d = 0; d < P.Dp; ++d) dnum[d] = dO[d] / den;
+          const float* pq = w.Pq.data() + t * P.Mp;
+          outer_acc(pq, dnum.data(), P.m, P.Dp, Sm.data());
+          for (int f = 0; f < P.m; ++f) z[f] += dden * pq[f];
+          const float* vv = w.V.data() + t * P.Dp;
+          for (int f = 0; f < P.m; ++f) g[f] = dot(Sm.data() + (int64_t)f * P.Dp, vv, P.Dp) + z[f];
+          vec_mat(w.Pk.data() + t * P.Mp, Sm.data(), P.m, P.Dp, w.O.data() + t * P.Dp);  // dv (O row no longer needed)
+        }
+        for (int t = 0; t < n; ++t)
+          store_f32(dv, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.O.data() + t * P.Dp : nullptr);
+        P.chain(w.G.data(), w.Ek.data(), n);
+        P.input_grad(w.G.data(), w.Xk.data(), n, w.tmp.data());
+        for (int t = 0; t < n; ++t)
+          store_f32(dk, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.tmp.data() + t * P.Dp : nullptr);
+      }
+    }
+  }
+}
+
+template <class S>
+Problem<S> make_problem(const float* W, const uint8_t* pad, int B, int H, int L, int D, int m, int relu, float eps) {
+  Problem<S> P;
+  P.B = B; P.H = H; P.L = L; P.D = D; P.m = m;
+  P.s = std::pow((float)D, -0.25f);
+  P.relu = relu != 0;
+  P.ratio = P.relu ? 1.f : 1.f / std::sqrt((float)m);
+  P.eps = eps;
+  P.pad = pad;
+  P.init(W);
+  return P;
+}
+
+}  // namespace
+
+void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out, uintptr_t ck,
+                   uintptr_t pad, int B, int H, int L, int D, int m, int64_t qsb, int64_t qsh, int64_t qsl,
+                   int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int causal,
+                   int relu, float eps, int threads) {
+  Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {0, 0, 0}, {0, 0, 0}};
+  biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
+    using T = typename S::T;
+    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps);
+    if (causal)
+      fwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, st, threads);
+    else
+      fwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, st, threads);
+  });
+}
+
+void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
+                   uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, int B, int H, int L,
+                   int D, int m, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl,
+                   int64_t vsb, int64_t vsh, int64_t vsl, int64_t osb, int64_t osh, int64_t osl, int64_t gsb,
+                   int64_t gsh, int64_t gsl, int causal, int relu, float eps, int threads) {
+  Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {osb, osh, osl}, {gsb, gsh, gsl}};
+  biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
+    using T = typename S::T;
+    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps);
+    if (causal)
+      bwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq, (float*)dk,
+                 (float*)dv, st, threads);
+    else
+      bwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq,
+                    (float*)dk, (float*)dv, st, threads);
+  });
+}
+
+}  // namespace BIOGEN_CPU_NS

@@ -1,0 +1,5 @@
+"""Layers built on :mod:`biogen.ops`."""
+
+from .performer import PerformerAttention
+
+__all__ = ["PerformerAttention"]

@@ -1,0 +1,316 @@
+"""Performer FAVOR+ linear attention (scBERT), fused: phi(K) and phi(Q) are never stored whole.
+
+Semantics (SPEC 1.2) are those of performer-pytorch's ``FastAttention`` for the same projection
+matrix W (nb_features x head_dim), with key padding added:
+
+- data scaled by s = head_dim^-0.25; softmax kernel
+  phi(x) = m^-0.5 * (exp(s x.W_f - s^2 |x|^2 / 2 - c) + eps), c the query row max (over features) or
+  the key max over all valid keys and features of one (batch, head), both treated as constants;
+- relu kernel (performer-pytorch's ``generalized_attention``): phi(x) = relu(s x.W_f) + eps;
+- non-causal out_i = phi(q_i) (sum_j phi(k_j) v_j^T) / (phi(q_i) . sum_j phi(k_j)); causal sums run
+  over j <= i and the denominator gets performer-pytorch's 1e-6 added to each prefix sum;
+- padded keys contribute nothing (and do not enter the key stabiliser); padded query rows are 0.
+
+Autograd gives gradients for q, k and v, never for ``projection`` (a random, redrawn buffer in
+Performer; see :class:`biogen.nn.PerformerAttention`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, num_threads
+
+MAX_HEAD_DIM = 128
+KERNELS = ("softmax", "relu")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+OP = KernelOp("performer_attention")
+
+
+def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, **_) -> list[str]:
+    r = []
+    if dtype not in _FLOATS:
+        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
+    return r
+
+
+OP.reasons["torch"] = lambda **_: []  # float64 too: gradcheck runs on the reference backend
+if _C is not None and hasattr(_C, "performer_fwd_cpu"):
+    OP.reasons["cpu"] = _reasons_dtype_dim
+
+
+# ----------------------------------------------------------------------------- random features
+
+
+def gaussian_orthogonal_random_matrix(
+    nb_features: int,
+    dim: int,
+    *,
+    scaling: int = 0,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """FAVOR+ projection: blocks of ``dim`` orthonormal rows (QR of gaussian matrices), rescaled.
+
+    Returns (nb_features, dim). Rows within one block of ``dim`` rows are orthogonal. ``scaling=0``:
+    each row's norm is that of an independent gaussian vector in R^dim (chi distributed), so rows are
+    marginally gaussian; ``scaling=1``: every row has norm sqrt(dim). Drawn on the CPU in float64
+    from ``generator`` (reproducible), then moved to ``device`` / ``dtype`` (default float32).
+    """
+    if nb_features < 1 or dim < 1:
+        raise ValueError(f"nb_features and dim must be positive, got {nb_features} and {dim}")
+    if scaling not in (0, 1):
+        raise ValueError(f"scaling must be 0 or 1, got {scaling!r}")
+    blocks = []
+    for _ in range(math.ceil(nb_features / dim)):
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        qmat, r = torch.linalg.qr(g)
+        # sign fix makes the distribution Haar (QR alone is biased by LAPACK's sign convention)
+        qmat = qmat * torch.sign(torch.diagonal(r))[None, :]
+        blocks.append(qmat.t())
+    w = torch.cat(blocks)[:nb_features]
+    if scaling == 0:
+        norms = torch.randn(nb_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    else:
+        norms = torch.full((nb_features,), math.sqrt(dim), dtype=torch.float64)
+    return (norms[:, None] * w).to(device=device, dtype=dtype or torch.float32)
+
+
+# ----------------------------------------------------------------------------- per-backend kernels
+
+
+def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False, **_) -> list[str]:
+    r = _reasons_dtype_dim(dtype, head_dim)
+    if causal:
+        r.append("supports causal=False only (the causal path runs on the cpu and torch backends)")
+    return r
+
+
+def _triton():
+    from .triton import performer as tri  # imported lazily: importing triton costs ~1 s
+
+    return tri
+
+
+try:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
+        "biogen.ops.triton.performer"
+    ) is not None:
+        OP.reasons["triton"] = _reasons_triton
+except (ImportError, ValueError):  # pragma: no cover
+    pass
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _pad_u8(kpm: Optional[torch.Tensor]) -> int:
+    return 0 if kpm is None else kpm.data_ptr()
+
+
+def _check_finite(q, k, v, projection, kpm):
+    """Non-finite values in valid positions would poison a whole (batch, head) through the key sums;
+    refuse them with a clear error instead (padding may hold anything)."""
+    valid = None if kpm is None else ~kpm[:, None, :, None]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        x = t if valid is None else torch.where(valid, t, 0)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"performer_attention: {name} contains NaN or infinity outside the padding")
+    if not bool(torch.isfinite(projection).all()):
+        raise ValueError("performer_attention: projection contains NaN or infinity")
+
+
+def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, L, D = q.shape
+    w = projection.detach().to(torch.float32).contiguous()
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    ck = torch.empty((B, H), dtype=torch.float32, device=q.device)
+    kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
+    _C.performer_fwd_cpu(
+        DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
+        ck.data_ptr(), _pad_u8(kpm_u8), B, H, L, D, w.shape[0], *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], int(causal), int(relu), float(eps), num_threads(),
+    )
+    return out, ck
+
+
+def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    B, H, L, D = q.shape
+    w = projection.detach().to(torch.float32).contiguous()
+    # Gradients accumulate in float32 and are cast once at the end.
+    dq = torch.empty((B, H, L, D), dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
+    _C.performer_bwd_cpu(
+        DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
+        grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pad_u8(kpm_u8), B, H, L, D,
+        w.shape[0], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *grad_out.stride()[:3], int(causal), int(relu), float(eps), num_threads(),
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _run_fwd(backend, q, k, v, projection, kpm, causal, relu, eps):
+    if backend == "torch":
+        return reference.performer_attention_ref(q, k, v, projection, kpm, causal, "relu" if relu else "softmax", eps)
+    if backend == "triton":
+        return _triton().forward(q, k, v, projection, kpm, causal, relu, eps)
+    return _fwd_native(q, k, v, projection, kpm, causal, relu, eps)
+
+
+def _run_bwd(backend, grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
+    if backend == "torch":
+        return reference.performer_attention_bwd_ref(grad_out, q, k, v, projection, kpm, causal,
+                                                     "relu" if relu else "softmax", eps)
+    if backend == "triton":
+        return _triton().backward(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
+    return _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
+
+
+# ------------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("biogen::performer_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    relu: bool,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, key_stabiliser (batch, heads) float32 (float64 for float64 inputs))."""
+    _check_finite(q, k, v, projection, key_padding_mask)
+    return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, projection, key_padding_mask, causal, relu, eps, backend):
+    B, H, L, D = q.shape
+    return q.new_empty((B, H, L, D)), q.new_empty((B, H), dtype=reference._lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("biogen::performer_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    out: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    relu: bool,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bwd_op.register_fake
+def _(grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, kpm, causal, relu, eps, backend = inputs
+    out, ck = output
+    ctx.save_for_backward(q, k, v, projection, out, kpm)
+    ctx.causal, ctx.relu, ctx.eps, ctx.backend = causal, relu, eps, backend
+    ctx.mark_non_differentiable(ck)
+
+
+def _backward(ctx, grad_out, grad_ck):
+    q, k, v, projection, out, kpm = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, projection, out, kpm, ctx.causal, ctx.relu, ctx.eps,
+                         ctx.backend)
+    # No gradient for the projection: it is a random feature draw, not a parameter.
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def _check(q, k, v, projection, key_padding_mask, kernel, eps):
+    check_tensor("q", q, ndim=4, dtypes=_FLOATS + (torch.float64,))
+    B, H, L, D = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), shape=(B, H, L, D), device=q.device)
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,), shape=(B, H, L, D), device=q.device)
+    check_tensor("projection", projection, ndim=2, dtypes=_FLOATS + (torch.float64,), shape=(None, D),
+                 device=q.device)
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"performer_attention supports head dimension at most {MAX_HEAD_DIM}, got {D}")
+    if B == 0 or H == 0 or L == 0 or D == 0:
+        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    if projection.shape[0] == 0:
+        raise ValueError("projection must have at least one row (nb_features >= 1)")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape=(B, L),
+                     device=q.device)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def performer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    kernel: str = "softmax",
+    eps: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """FAVOR+ linear attention, exactly performer-pytorch's ``FastAttention`` for the same projection.
+
+    Parameters
+    ----------
+    q, k, v : (batch, heads, length, head_dim) float32 / float16 / bfloat16 (float64 on the torch
+        backend), head_dim <= 128.
+    projection : (nb_features, head_dim) random feature matrix, e.g. from
+        :func:`gaussian_orthogonal_random_matrix`. Receives no gradient.
+    key_padding_mask : (batch, length) bool, True = padding, optional.
+    causal : prefix attention (query i sees keys j <= i).
+    kernel : 'softmax' (positive random features, FAVOR+) or 'relu' (generalized attention).
+    eps : feature epsilon; default as performer-pytorch: 1e-4 for softmax, 1e-3 for relu.
+    backend : 'cuda', 'triton', 'cpu', 'torch' or 'auto'; see :mod:`biogen.ops`.
+
+    Returns
+    -------
+    (batch, heads, length, head_dim) in q's dtype; padded query rows are zero.
+
+    Raises
+    ------
+    ValueError
+        On mismatched shapes, a projection whose width is not head_dim, or NaN / infinity in q, k,
+        v outside the padding (checked before any kernel runs).
+    """
+    _check(q, k, v, projection, key_padding_mask, kernel, eps)
+    eps = reference.performer_eps(kernel, eps)
+    chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=bool(causal))
+    out, _ = _fwd_op(q, k, v, projection, key_padding_mask, bool(causal), kernel == "relu", eps, chosen)
+    return out
