@@ -1,0 +1,1 @@
+"""Models: torch modules that take tensors, and user-facing classes that own AnnData."""

@@ -1,5 +1,6 @@
 """Layers built on :mod:`biogen.ops`."""
 
 from .performer import PerformerAttention
+from .transformer import MaskedSelfAttention, TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["PerformerAttention"]
+__all__ = ["MaskedSelfAttention", "PerformerAttention", "TransformerEncoder", "TransformerEncoderLayer"]
