@@ -379,3 +379,25 @@ def test_matches_performer_pytorch_performerlm(tmp_path):
     assert ft.n_classes == 5 and ft.config.head_hidden == (24, 12)
     with torch.no_grad():
         torch.testing.assert_close(ft(x).logits, lm(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- benchmark adapter
+
+
+def test_annotator_fit_predict_save_load(data, tmp_path):
+    from biogen.models.scbert_annotator import ScBERTAnnotator
+
+    train, test = data[:60].copy(), data[60:80].copy()
+    train.layers["counts"] = train.X.copy()
+    test.layers["counts"] = test.X.copy()
+    ann = ScBERTAnnotator("tiny", epochs=2, pretrain_epochs=1, seed=0, batch_size=8)
+    ann.fit(train, "cell_type", layer="counts", batch_key="batch")
+    p = ann.predict(test)
+    assert p.labels.shape == (20,) and p.proba.shape == (20, 3) and p.embedding.shape == (20, 16)
+    assert p.classes == ["type_0", "type_1", "type_2"]
+    np.testing.assert_array_equal(p.labels, np.array(p.classes)[p.proba.argmax(1)])  # no "Unassigned" by default
+    assert "scbert_pred" not in test.obs  # the query is not modified
+    ann.save(str(tmp_path / "ann"))
+    p2 = type(ann).load(str(tmp_path / "ann")).predict(test)
+    np.testing.assert_array_equal(p.proba, p2.proba)
+    np.testing.assert_array_equal(p.labels, p2.labels)
