@@ -401,3 +401,32 @@ def test_annotator_fit_predict_save_load(data, tmp_path):
     p2 = type(ann).load(str(tmp_path / "ann")).predict(test)
     np.testing.assert_array_equal(p.proba, p2.proba)
     np.testing.assert_array_equal(p.labels, p2.labels)
+
+
+def test_original_layout_round_trip_and_from_checkpoint(data, tmp_path):
+    """A biogen model written in the original key layout loads back with identical outputs."""
+    with open(os.path.join(DATA, "scbert_panglao_keys.json")) as f:
+        layout = [k for k, _ in json.load(f)["pretrain"]]
+    src = ScBERTModel(ScBERTConfig.preset("tiny", depth=2), n_genes=data.n_vars).eval()
+    own = src.state_dict()
+    pattern = {k: v for k, v in map_scbert_keys(layout).items() if v}
+    sd = {}
+    for k, v in pattern.items():
+        m = __import__("re").match(r"performer\.net\.layers\.(\d+)\.", k)
+        if m and int(m.group(1)) >= 2:
+            continue
+        sd["module." + k] = own[v].double() if v == "gene_emb.weight" else own[v]  # gene2vec is float64 there
+    sd["module.performer.calls_since_last_redraw"] = torch.tensor(5)
+    torch.save({"epoch": 3, "model_state_dict": sd}, tmp_path / "orig.pth")
+    loaded = load_scbert_checkpoint(str(tmp_path / "orig.pth"), heads=2)
+    x = torch.randint(0, 7, (2, data.n_vars + 1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.mlm_head(loaded.encode(x)), src.mlm_head(src.encode(x)))
+    assert int(loaded.layers[0].attn.calls_since_redraw) == 5
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(data.var_names) + "\n")
+    m = ScBERT.from_scbert_checkpoint(str(tmp_path / "orig.pth"), data[:30].copy(), str(genes),
+                                      label_key="cell_type", heads=2)
+    assert m.module.n_classes == 3 and m.vocab.genes == list(data.var_names)
+    with pytest.raises(ValueError, match="panel of 40 genes"):
+        ScBERT.from_scbert_checkpoint(str(tmp_path / "orig.pth"), data[:30].copy(), list(data.var_names[:5]), heads=2)
