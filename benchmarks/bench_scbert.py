@@ -17,12 +17,15 @@ allocator peak, or sampled RSS above the pre-call RSS on a CPU) and its fraction
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_scbert.py --benchmark-only
 Env:  BIOGEN_BENCH_ROUNDS (default 1), BIOGEN_BENCH_SCBERT_BATCHES (default "1"),
+      BIOGEN_BENCH_SCBERT_GENES (default 16906),
       BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import warnings
 
@@ -34,13 +37,23 @@ from biogen.models.scbert_module import ScBERTConfig, ScBERTModel
 from biogen.ops import use_backend
 
 CFG = ScBERTConfig.preset("paper")
-N_GENES = 16906
+N_GENES = int(os.environ.get("BIOGEN_BENCH_SCBERT_GENES", "16906"))  # smaller for a quick smoke run
 LENGTH = N_GENES + 1
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_SCBERT_BATCHES", "1").split(",")]
 ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "1"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 IMPLS = ("performer-pytorch", "biogen", "biogen-torch")  # baseline first: the others report ratios
 _BASELINE: dict = {}
+
+
+def _release_freed_memory():
+    """Return memory freed by earlier cases to the OS, so the RSS-based peak of this case starts clean
+    (otherwise a later case reuses pages an earlier one left mapped and looks smaller)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _baseline_model():
@@ -63,13 +76,13 @@ def _make_fn(impl, batch, train):
     else:
         model = ScBERTModel(CFG, N_GENES).to(DEVICE)
         logits = lambda x: model.mlm_head(model.encode(x))  # noqa: E731
-    backend = use_backend("torch") if impl == "biogen-torch" else contextlib.nullcontext()
+    backend = (lambda: use_backend("torch")) if impl == "biogen-torch" else contextlib.nullcontext
     x = torch.randint(0, CFG.n_tokens, (batch, LENGTH), device=DEVICE)
     target = torch.randint(0, CFG.n_tokens - 1, (batch, LENGTH), device=DEVICE)
     model.train(train)
 
     def run():
-        with backend:
+        with backend():
             if train:
                 out = logits(x)
                 torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
@@ -88,6 +101,7 @@ def _make_fn(impl, batch, train):
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_scbert_paper(benchmark, impl, batch, mode):
     run = _make_fn(impl, batch, mode == "train")
+    _release_freed_memory()
     with _PeakMemory() as mem:
         run()  # first call: warm-up, and the peak memory of a step
     benchmark.group = f"scBERT paper B={batch} L={LENGTH} {mode}"
