@@ -8,6 +8,8 @@ measures, per batch size:
   embedding, learned absolute position = gene embedding, output bias as scBERT) — the baseline,
   skipped with a reason if not installed;
 - ``biogen``: :class:`biogen.models.scbert.ScBERTModel` on the default kernel backend (C++ on CPU);
+- ``biogen-checkpointed``: the same with ``gradient_checkpointing=True`` (layers recomputed in the
+  backward pass: less memory, more compute);
 - ``biogen-torch``: the same model under ``biogen.ops.use_backend("torch")`` (pure PyTorch ops).
 
 ``train``: forward to the token logits of every position, cross-entropy against random tokens, and
@@ -28,6 +30,7 @@ import ctypes
 import gc
 import os
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,7 +45,7 @@ LENGTH = N_GENES + 1
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_SCBERT_BATCHES", "1").split(",")]
 ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "1"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-IMPLS = ("performer-pytorch", "biogen", "biogen-torch")  # baseline first: the others report ratios
+IMPLS = ("performer-pytorch", "biogen", "biogen-checkpointed", "biogen-torch")  # baseline first: the others report ratios
 _BASELINE: dict = {}
 
 
@@ -74,7 +77,8 @@ def _make_fn(impl, batch, train):
         model = _baseline_model().to(DEVICE)
         logits = model
     else:
-        model = ScBERTModel(CFG, N_GENES).to(DEVICE)
+        cfg = replace(CFG, gradient_checkpointing=impl == "biogen-checkpointed")
+        model = ScBERTModel(cfg, N_GENES).to(DEVICE)
         logits = lambda x: model.mlm_head(model.encode(x))  # noqa: E731
     backend = (lambda: use_backend("torch")) if impl == "biogen-torch" else contextlib.nullcontext
     x = torch.randint(0, CFG.n_tokens, (batch, LENGTH), device=DEVICE)

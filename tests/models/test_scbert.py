@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 import anndata as ad
 import numpy as np
@@ -104,6 +105,19 @@ def test_forward_backward_tiny():
     assert torch.isfinite(loss) and m.mlm_head.weight.grad.abs().sum() > 0
 
 
+def test_gradient_checkpointing_same_gradients():
+    cfg = ScBERTConfig.preset("tiny", depth=2, ff_dropout=0.2)
+    a, b = ScBERTModel(cfg, 20, n_classes=3), ScBERTModel(replace(cfg, gradient_checkpointing=True), 20, n_classes=3)
+    b.load_state_dict(a.state_dict())
+    tokens = torch.randint(0, 6, (3, 21))
+    for m in (a, b):
+        torch.manual_seed(1)  # same dropout draws; the checkpoint replays them in the recompute
+        m(tokens).logits.square().sum().backward()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_mlm_mask_statistics():
     m = ScBERTModel(ScBERTConfig.preset("tiny"), n_genes=999)
     tokens = torch.randint(0, 6, (40, 1000))
@@ -117,8 +131,9 @@ def test_mlm_mask_statistics():
     assert (masked[chosen & (masked != MASK_TOKEN)] == tokens[chosen & (masked != MASK_TOKEN)]).all()
 
 
-def test_feature_redraw_at_interval_never_in_eval():
-    m = ScBERTModel(ScBERTConfig.preset("tiny", depth=2, redraw_interval=3), n_genes=10)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_feature_redraw_at_interval_never_in_eval(ckpt):
+    m = ScBERTModel(ScBERTConfig.preset("tiny", depth=2, redraw_interval=3, gradient_checkpointing=ckpt), n_genes=10)
     tokens = torch.randint(0, 6, (2, 11))
     projs = lambda: [l.attn.projection.clone() for l in m.layers]  # noqa: E731
     p0 = projs()
@@ -127,8 +142,8 @@ def test_feature_redraw_at_interval_never_in_eval():
         m(tokens)
     assert all(torch.equal(a, b) for a, b in zip(p0, projs()))
     m.train()
-    for _ in range(3):  # calls 1..3 use the current projection
-        m(tokens)
+    for _ in range(3):  # calls 1..3 use the current projection (a checkpointed backward adds no call)
+        m(tokens).cell_emb.sum().backward()
         assert all(torch.equal(a, b) for a, b in zip(p0, projs()))
     m(tokens)  # call 4: interval reached, every layer redraws
     p1 = projs()
