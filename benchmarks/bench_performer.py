@@ -14,6 +14,8 @@ millisecond, above the resident size before the call) and its ratio to the basel
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_performer.py --benchmark-only
 Env:  BIOGEN_BENCH_ROUNDS (default 2), BIOGEN_BENCH_BATCHES (default "1,4"),
+      BIOGEN_BENCH_IMPLS (default all three, comma-separated; the reference backend at batch 4
+      forward+backward materialises several 0.7 GB feature tensors and takes minutes on 2 cores),
       BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
 """
 
@@ -35,6 +37,7 @@ BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_BATCHES", "1,4").split("
 ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "2"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 IMPLS = ("performer-pytorch", "biogen", "biogen-torch")  # baseline first: the others report ratios
+IMPLS_RUN = os.environ.get("BIOGEN_BENCH_IMPLS", ",".join(IMPLS)).split(",")
 _BASELINE: dict = {}
 
 
@@ -117,8 +120,10 @@ def _make_fn(impl, batch, backward):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
 def test_performer_scbert_shape(benchmark, impl, batch, pass_):
+    if impl not in IMPLS_RUN:
+        pytest.skip(f"{impl} not in BIOGEN_BENCH_IMPLS")
     run = _make_fn(impl, batch, pass_ == "forward+backward")
-    run()  # warm-up (and first-touch of the allocator)
+    run()  # warm-up: first-call costs (allocator arenas, thread pools, lazy imports) are not the op's
     with _PeakMemory() as mem:
         run()
     benchmark.group = f"performer B={batch} H={HEADS} L={LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"

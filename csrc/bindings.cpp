@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -36,6 +37,17 @@ BIOGEN_CPU_DECLARE(void, performer_bwd,
 
 #ifndef BIOGEN_VERSION
 #define BIOGEN_VERSION ""
+#endif
+
+#ifdef BIOGEN_WITH_CUDA
+namespace biogen::cuda {
+// Performer FAVOR+ attention (csrc/cuda/performer.cu)
+void performer_fwd(int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   uintptr_t, int, int, int, int, int, const int64_t*, int, float, uintptr_t);
+void performer_bwd(int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   int, int, int, int, int, const int64_t*, int, float, uintptr_t);
+}  // namespace biogen::cuda
 #endif
 
 #ifdef BIOGEN_WITH_CUDA
@@ -123,4 +135,25 @@ PYBIND11_MODULE(_C, m) {
     BIOGEN_CPU_CALL(performer_bwd, dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, B, H, L, D, m_, qsb, qsh, qsl,
                     ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl, gsb, gsh, gsl, causal, relu, eps, threads);
   });
+#ifdef BIOGEN_WITH_CUDA
+  // strides: 15 values, (batch, head, row) for q, k, v, out, grad_out; workspaces allocated by Python.
+  m.def("performer_fwd_cuda", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
+                                 uintptr_t ck, uintptr_t pad, uintptr_t ws_C, uintptr_t ws_z, int B, int H, int L,
+                                 int D, int m_, std::vector<int64_t> strides, int relu, float eps, uintptr_t stream) {
+    BIOGEN_CHECK(strides.size() == 15, "performer_fwd_cuda needs 15 strides");
+    py::gil_scoped_release nogil;
+    biogen::cuda::performer_fwd(dtype, q, k, v, proj, out, ck, pad, ws_C, ws_z, B, H, L, D, m_, strides.data(), relu,
+                                eps, stream);
+  });
+  m.def("performer_bwd_cuda", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
+                                 uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad,
+                                 uintptr_t ws_C, uintptr_t ws_z, uintptr_t ws_dC, uintptr_t ws_dz, uintptr_t ws_den,
+                                 uintptr_t ws_cq, uintptr_t ws_ck, int B, int H, int L, int D, int m_,
+                                 std::vector<int64_t> strides, int relu, float eps, uintptr_t stream) {
+    BIOGEN_CHECK(strides.size() == 15, "performer_bwd_cuda needs 15 strides");
+    py::gil_scoped_release nogil;
+    biogen::cuda::performer_bwd(dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, ws_C, ws_z, ws_dC, ws_dz, ws_den,
+                                ws_cq, ws_ck, B, H, L, D, m_, strides.data(), relu, eps, stream);
+  });
+#endif
 }

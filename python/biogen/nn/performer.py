@@ -84,6 +84,6 @@ class PerformerAttention(nn.Module):
                 self.redraw_projection()
             self.calls_since_redraw += 1
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
-        out = performer_attention(q, k, v, self.projection.to(q.dtype), key_padding_mask=key_padding_mask,
+        out = performer_attention(q, k, v, self.projection, key_padding_mask=key_padding_mask,
                                   causal=self.causal, kernel=self.kernel, backend=self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))

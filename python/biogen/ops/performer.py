@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, num_threads
+from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, cuda_stream, num_threads
 
 MAX_HEAD_DIM = 128
 KERNELS = ("softmax", "relu")
@@ -41,9 +41,18 @@ def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, *
     return r
 
 
+def _reasons_non_causal(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False, **_) -> list[str]:
+    r = _reasons_dtype_dim(dtype, head_dim)
+    if causal:
+        r.append("supports causal=False only (the causal path runs on the cpu and torch backends)")
+    return r
+
+
 OP.reasons["torch"] = lambda **_: []  # float64 too: gradcheck runs on the reference backend
 if _C is not None and hasattr(_C, "performer_fwd_cpu"):
     OP.reasons["cpu"] = _reasons_dtype_dim
+if _C is not None and hasattr(_C, "performer_fwd_cuda"):
+    OP.reasons["cuda"] = _reasons_non_causal
 
 
 # ----------------------------------------------------------------------------- random features
@@ -87,13 +96,6 @@ def gaussian_orthogonal_random_matrix(
 # ----------------------------------------------------------------------------- per-backend kernels
 
 
-def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False, **_) -> list[str]:
-    r = _reasons_dtype_dim(dtype, head_dim)
-    if causal:
-        r.append("supports causal=False only (the causal path runs on the cpu and torch backends)")
-    return r
-
-
 def _triton():
     from .triton import performer as tri  # imported lazily: importing triton costs ~1 s
 
@@ -106,7 +108,7 @@ try:
     if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
         "biogen.ops.triton.performer"
     ) is not None:
-        OP.reasons["triton"] = _reasons_triton
+        OP.reasons["triton"] = _reasons_non_causal
 except (ImportError, ValueError):  # pragma: no cover
     pass
 
@@ -138,6 +140,15 @@ def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     ck = torch.empty((B, H), dtype=torch.float32, device=q.device)
     kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
+    if q.device.type == "cuda":
+        m = w.shape[0]
+        ws_c = torch.empty((B, H, m, D), dtype=torch.float32, device=q.device)
+        ws_z = torch.empty((B, H, m), dtype=torch.float32, device=q.device)
+        strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0, 0, 0, 0]
+        _C.performer_fwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
+                              out.data_ptr(), ck.data_ptr(), _pad_u8(kpm_u8), ws_c.data_ptr(), ws_z.data_ptr(),
+                              B, H, L, D, m, strides, int(relu), float(eps), cuda_stream(q))
+        return out, ck
     _C.performer_fwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
         ck.data_ptr(), _pad_u8(kpm_u8), B, H, L, D, w.shape[0], *q.stride()[:3], *k.stride()[:3],
@@ -154,6 +165,18 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
     dq = torch.empty((B, H, L, D), dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
+    if q.device.type == "cuda":
+        m = w.shape[0]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        ws = [torch.empty((B, H, m, D), **f32), torch.empty((B, H, m), **f32), torch.empty((B, H, m, D), **f32),
+              torch.empty((B, H, m), **f32), torch.empty((B, H, L), **f32), torch.empty((B, H, L), **f32),
+              torch.empty((B, H), **f32)]
+        strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3]]
+        _C.performer_bwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
+                              out.data_ptr(), grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                              _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides, int(relu),
+                              float(eps), cuda_stream(q))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     _C.performer_bwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
         grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pad_u8(kpm_u8), B, H, L, D,

@@ -48,10 +48,11 @@ def _key_state_kernel(k_ptr, v_ptr, w_ptr, pad_ptr, a_ptr, ze_ptr, c_ptr, sv_ptr
     ze = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    # a float32 scalar tensor from the start, so the loop-carried type never changes
     if RELU:
-        c = 0.0
+        c = tl.max(tl.zeros((BLOCK_M,), dtype=tl.float32))
     else:
-        c = -float("inf")
+        c = tl.max(tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32))
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         valid = offs_l < L
@@ -69,7 +70,8 @@ def _key_state_kernel(k_ptr, v_ptr, w_ptr, pad_ptr, a_ptr, ze_ptr, c_ptr, sv_ptr
         else:
             diag = tl.sum(kk * kk, axis=1) * (s * s * 0.5)
             cm = tl.maximum(c, tl.max(tl.where(emask, dd, -float("inf"))))
-            scale = tl.exp(tl.where(cm == -float("inf"), 0.0, c - cm))  # no -inf - -inf
+            empty = cm == -float("inf")  # no valid key yet: avoid -inf - -inf
+            scale = tl.exp(tl.where(empty, 0.0, c) - tl.where(empty, 0.0, cm))
             acc = acc * scale
             ze = ze * scale
             c = cm
