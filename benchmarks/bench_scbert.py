@@ -1,0 +1,123 @@
+"""scBERT `paper` model at the original length: training and inference throughput, peak memory.
+
+Configuration from :meth:`ScBERTConfig.preset("paper")` (dim 200, depth 6, heads 10, dim_head 64,
+ff_mult 4, 266 random features, 7 tokens) on 16,906 genes + 1 = 16,907 positions, float32. One run
+measures, per batch size:
+
+- ``performer-pytorch``: performer-pytorch's ``PerformerLM`` of the same configuration (no rotary
+  embedding, learned absolute position = gene embedding, output bias as scBERT) — the baseline,
+  skipped with a reason if not installed;
+- ``biogen``: :class:`biogen.models.scbert.ScBERTModel` on the default kernel backend (C++ on CPU);
+- ``biogen-checkpointed``: the same with ``gradient_checkpointing=True`` (layers recomputed in the
+  backward pass: less memory, more compute);
+- ``biogen-torch``: the same model under ``biogen.ops.use_backend("torch")`` (pure PyTorch ops).
+
+``train``: forward to the token logits of every position, cross-entropy against random tokens, and
+backward (the same work for every implementation; no optimizer step). ``inference``: forward under
+``torch.no_grad``. ``extra_info``: cells/s, speed-up over the baseline, peak extra memory (CUDA
+allocator peak, or sampled RSS above the pre-call RSS on a CPU) and its fraction of the baseline's.
+
+Run:  PYTHONPATH=python python -m pytest benchmarks/bench_scbert.py --benchmark-only
+Env:  BIOGEN_BENCH_ROUNDS (default 1), BIOGEN_BENCH_SCBERT_BATCHES (default "1"),
+      BIOGEN_BENCH_SCBERT_GENES (default 16906),
+      BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench_performer import _PeakMemory  # same sampler as the kernel benchmark
+from biogen.models.scbert_module import ScBERTConfig, ScBERTModel
+from biogen.ops import use_backend
+
+CFG = ScBERTConfig.preset("paper")
+N_GENES = int(os.environ.get("BIOGEN_BENCH_SCBERT_GENES", "16906"))  # smaller for a quick smoke run
+LENGTH = N_GENES + 1
+BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_SCBERT_BATCHES", "1").split(",")]
+ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "1"))
+DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+IMPLS = ("performer-pytorch", "biogen", "biogen-checkpointed", "biogen-torch")  # baseline first: the others report ratios
+_BASELINE: dict = {}
+
+
+def _release_freed_memory():
+    """Return memory freed by earlier cases to the OS, so the RSS-based peak of this case starts clean
+    (otherwise a later case reuses pages an earlier one left mapped and looks smaller)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _baseline_model():
+    try:
+        from performer_pytorch import PerformerLM
+    except ImportError as exc:
+        pytest.skip(f"performer-pytorch is not importable ({exc}); pip install performer-pytorch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PerformerLM(num_tokens=CFG.n_tokens, max_seq_len=LENGTH, dim=CFG.dim, depth=CFG.depth,
+                           heads=CFG.heads, dim_head=CFG.dim_head, ff_mult=CFG.ff_mult, nb_features=CFG.n_features,
+                           rotary_position_emb=False, axial_position_emb=False, attn_out_bias=True, qkv_bias=False)
+
+
+def _make_fn(impl, batch, train):
+    torch.manual_seed(0)
+    if impl == "performer-pytorch":
+        model = _baseline_model().to(DEVICE)
+        logits = model
+    else:
+        cfg = replace(CFG, gradient_checkpointing=impl == "biogen-checkpointed")
+        model = ScBERTModel(cfg, N_GENES).to(DEVICE)
+        logits = lambda x: model.mlm_head(model.encode(x))  # noqa: E731
+    backend = (lambda: use_backend("torch")) if impl == "biogen-torch" else contextlib.nullcontext
+    x = torch.randint(0, CFG.n_tokens, (batch, LENGTH), device=DEVICE)
+    target = torch.randint(0, CFG.n_tokens - 1, (batch, LENGTH), device=DEVICE)
+    model.train(train)
+
+    def run():
+        with backend():
+            if train:
+                out = logits(x)
+                torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    logits(x)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_scbert_paper(benchmark, impl, batch, mode):
+    run = _make_fn(impl, batch, mode == "train")
+    _release_freed_memory()
+    with _PeakMemory() as mem:
+        run()  # first call: warm-up, and the peak memory of a step
+    benchmark.group = f"scBERT paper B={batch} L={LENGTH} {mode}"
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    mean = benchmark.stats.stats.mean
+    info = benchmark.extra_info
+    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(mem.extra / 2**20, 1),
+                device=str(DEVICE), threads=torch.get_num_threads())
+    key = (batch, mode)
+    if impl == IMPLS[0]:
+        _BASELINE[key] = (mean, mem.extra)
+    elif key in _BASELINE:
+        base_t, base_mem = _BASELINE[key]
+        info["speedup_vs_performer_pytorch"] = round(base_t / mean, 2)
+        info["peak_memory_fraction_of_performer_pytorch"] = round(mem.extra / max(base_mem, 1), 3)

@@ -1,0 +1,632 @@
+"""scBERT-style model for single-cell RNA-seq (SPEC 2.3): the user-facing class that owns AnnData.
+
+The network is :class:`~biogen.models.scbert_module.ScBERTModel`; this module adds the
+tokeniser (SPEC 2.1 scBERT tokens on a fixed gene panel), gene-vector files (gene2vec), and the
+scvi-tools-style wrapper :class:`ScBERT` with the same API as :class:`biogen.models.scgpt.ScGPT`
+(pretraining, fine-tuning with validation / early stopping / resumable checkpoints, prediction
+written back into AnnData, save / load).
+
+Tokens: per cell, the counts of the panel genes (query genes mapped by name, missing panel genes
+zero) are normalised to 1e4 (over the panel genes, as the original's preprocess.py, which builds
+the panel matrix first), log2(1 + x), clipped at 5 and floored: tokens 0..5; one extra token 0 is
+appended (sequence length n_genes + 1).
+
+Example
+-------
+>>> from biogen.models.scbert import ScBERT
+>>> model = ScBERT(adata, label_key="cell_type", layer="counts", config="small")
+>>> model.fit(epochs=10)
+>>> model.predict(query)        # query.obs["scbert_pred"], .obsm["scbert_proba"], .obsm["X_scbert"]
+>>> model.save("my_model"); model = ScBERT.load("my_model")
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .scbert_checkpoint import load_scbert_checkpoint, map_scbert_keys
+from .scbert_module import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
+from .scgpt import (_atomic_write, _categories, _check_adata, _load_weights, _obs_column, _save_weights, _to_py,
+                    _write_json)
+
+__all__ = [
+    "MASK_TOKEN", "N_BINS", "ScBERT", "ScBERTConfig", "ScBERTModel", "ScBERTOutput", "ScBERTTokens",
+    "load_gene_vectors", "load_scbert_checkpoint", "map_scbert_keys", "scbert_tokens",
+]
+
+_FORMAT = "biogen.ScBERT"
+UNASSIGNED = "Unassigned"
+
+
+# ---------------------------------------------------------------------------- tokenisation
+
+
+@dataclass
+class ScBERTTokens:
+    """Tokens of a set of cells on a gene panel, stored sparse (most genes are token 0).
+
+    tokens : (n_cells, n_genes) CSR int8 with values 1..5 (zeros not stored); :meth:`dense`
+        appends the extra position.
+    mapping : :class:`biogen.sc.vocab.GeneMapping` of the query's genes onto the vocabulary.
+    """
+
+    tokens: sp.csr_matrix
+    mapping: object
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def dense(self, rows) -> torch.Tensor:
+        """(len(rows), n_genes + 1) int64 tokens, last column the extra token 0."""
+        block = self.tokens[np.asarray(rows)].toarray().astype(np.int64)
+        return torch.from_numpy(np.concatenate([block, np.zeros((block.shape[0], 1), np.int64)], axis=1))
+
+
+def scbert_tokens(adata, vocab, *, layer: Optional[str] = None, min_overlap: Union[float, int] = 0.5,
+                  target_sum: float = 1e4, chunk_size: int = 4096) -> ScBERTTokens:
+    """scBERT tokens of ``adata``'s cells on the panel ``vocab.genes`` (SPEC 2.1).
+
+    Parameters
+    ----------
+    adata : AnnData with counts in ``X`` or ``layers[layer]``; genes in any order, any subset.
+    vocab : :class:`biogen.sc.GeneVocab`; panel position i is gene ``vocab.genes[i]``.
+    min_overlap : passed to :meth:`GeneVocab.map_genes` (fraction or count of the query's genes that
+        must be in the panel; raises naming missing genes otherwise).
+
+    Returns
+    -------
+    :class:`ScBERTTokens` with (n_cells, n_genes) tokens floor(min(log2(1 + x), 5)), x the panel
+    counts scaled to ``target_sum`` per cell (cells without panel counts: all 0).
+    """
+    from biogen.sc.tokenize import _rows_csr, get_matrix
+
+    mapping = vocab.map_genes(adata, min_overlap=min_overlap)
+    n_panel = len(vocab.genes)
+    cols = np.flatnonzero(mapping.known)
+    pos = mapping.ids[cols] - (len(vocab) - n_panel)  # panel position of each kept query column
+    remap = np.full(adata.n_vars, -1, dtype=np.int64)
+    remap[cols] = pos
+    m = get_matrix(adata, layer)
+    blocks = []
+    for s in range(0, adata.n_obs, chunk_size):
+        b = _rows_csr(m, s, min(s + chunk_size, adata.n_obs))[:, cols].tocsr()
+        b.sort_indices()
+        data = b.data.astype(np.float64)
+        tot = np.add.reduceat(data, b.indptr[:-1]) if data.size else np.zeros(b.shape[0])
+        tot[np.diff(b.indptr) == 0] = 0.0
+        row_tot = np.repeat(tot, np.diff(b.indptr))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(row_tot > 0, data * target_sum / row_tot, 0.0)
+        tok = np.floor(np.minimum(np.log2(1.0 + x), N_BINS - 1)).astype(np.int8)
+        out = sp.csr_matrix((tok, remap[cols][b.indices], b.indptr), shape=(b.shape[0], n_panel))
+        out.eliminate_zeros()
+        out.sort_indices()
+        blocks.append(out)
+    return ScBERTTokens(sp.vstack(blocks, format="csr").astype(np.int8), mapping)
+
+
+def load_gene_vectors(path: str) -> tuple[list[str], np.ndarray]:
+    """Read gene vectors (e.g. gene2vec) from a text file or ``.npz``.
+
+    Text: one gene per line, ``GENE v1 v2 ... vd`` separated by whitespace (word2vec text format;
+    a first line ``n d`` is skipped). ``.npz``: arrays ``genes`` (n,) and ``vectors`` (n, d).
+    Returns (genes, (n, d) float32 vectors).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gene vector file {path} does not exist")
+    if str(path).endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            if "genes" not in z or "vectors" not in z:
+                raise ValueError(f"{path}: a .npz of gene vectors needs arrays 'genes' and 'vectors', has {list(z)}")
+            genes, vec = [str(g) for g in z["genes"]], np.asarray(z["vectors"], dtype=np.float32)
+    else:
+        genes, rows = [], []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                parts = line.split()
+                if not parts:
+                    continue
+                if i == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                    continue
+                genes.append(parts[0])
+                try:
+                    rows.append([float(v) for v in parts[1:]])
+                except ValueError:
+                    raise ValueError(f"{path}, line {i + 1}: expected 'GENE v1 ... vd' with numbers") from None
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ValueError(f"{path}: lines must all hold a gene name and the same number of values")
+        vec = np.asarray(rows, dtype=np.float32)
+    if vec.ndim != 2 or vec.shape[0] != len(genes):
+        raise ValueError(f"{path}: vectors of shape {vec.shape} do not match {len(genes)} genes")
+    return genes, vec
+
+
+# ---------------------------------------------------------------------------- user class
+
+
+class ScBERT:
+    """scBERT-style model on an AnnData: MLM pretraining, cell-type fine-tuning, prediction, embeddings.
+
+    Same API as :class:`biogen.models.scgpt.ScGPT`, so the two are interchangeable.
+
+    Parameters
+    ----------
+    adata : AnnData with raw counts in ``X`` (or ``layers[layer]``): finite, non-negative integers.
+    label_key : ``obs`` column with cell types; builds the classification head.
+    batch_key : not supported (scBERT has no batch embedding): must be None.
+    layer : layer with the counts (default ``X``).
+    config : preset name (``"tiny"``, ``"small"``, ``"paper"``) or an :class:`ScBERTConfig`.
+    vocab : :class:`biogen.sc.GeneVocab` whose genes are the panel; default: the genes of ``adata``.
+    gene_vectors : path of a gene-vector file (see :func:`load_gene_vectors`) initialising the gene
+        embedding (dimension must equal ``config.dim``; panel genes absent from the file keep a
+        random initialisation). Freeze it with ``freeze_gene_emb=True``.
+    device : torch device; default CUDA when available, else CPU.
+    **config_overrides : fields of :class:`ScBERTConfig` replacing the preset's.
+    """
+
+    def __init__(self, adata, label_key: Optional[str] = None, batch_key: Optional[str] = None,
+                 layer: Optional[str] = None, config: Union[str, ScBERTConfig] = "small", vocab=None,
+                 device: Optional[Union[str, torch.device]] = None, gene_vectors: Optional[str] = None,
+                 **config_overrides):
+        from biogen.sc import GeneVocab
+
+        if batch_key is not None:
+            raise ValueError("ScBERT has no batch embedding; batch_key must be None (scBERT ignores batches)")
+        _check_adata(adata, layer)
+        cfg = _make_config(config, config_overrides)
+        label_categories = None
+        if label_key is not None:
+            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
+            if len(label_categories) < 2:
+                raise ValueError(f"label_key {label_key!r} has {len(label_categories)} class(es); a classifier "
+                                 "needs at least 2")
+        if vocab is None:
+            vocab = GeneVocab.from_adata(adata)
+        elif not isinstance(vocab, GeneVocab):
+            raise TypeError(f"vocab must be a biogen.sc.GeneVocab, got {type(vocab).__name__}")
+        vocab.map_genes(adata, min_overlap=0.5)
+        module = ScBERTModel(cfg, len(vocab.genes), n_classes=len(label_categories or ()))
+        if gene_vectors is not None:
+            _init_gene_vectors(module, vocab, gene_vectors)
+        self._setup(module, vocab, label_key, layer, label_categories, device)
+        self.adata = adata
+
+    def _setup(self, module, vocab, label_key, layer, label_categories, device):
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.module = module.to(self.device)
+        self.vocab = vocab
+        self.label_key, self.batch_key, self.layer = label_key, None, layer
+        self.label_categories = None if label_categories is None else [_to_py(c) for c in label_categories]
+        self.history: list[dict] = []
+        self.adata = None
+
+    @property
+    def config(self) -> ScBERTConfig:
+        return self.module.config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"ScBERT(dim={c.dim}, depth={c.depth}, genes={len(self.vocab.genes)}, "
+                f"classes={self.label_categories}, device={self.device})")
+
+    # ------------------------------------------------------------------ data
+
+    def _tokens(self, adata, min_overlap=0.5) -> ScBERTTokens:
+        return scbert_tokens(adata, self.vocab, layer=self.layer, min_overlap=min_overlap)
+
+    def _labels(self, adata) -> np.ndarray:
+        col = _obs_column(adata, self.label_key, "label_key")
+        index = {c: i for i, c in enumerate(self.label_categories)}
+        return np.array([index.get(_to_py(v), -1) if not pd.isna(v) else -1 for v in col], dtype=np.int64)
+
+    # ------------------------------------------------------------------ training
+
+    def pretrain(self, epochs: int = 1, mode: str = "mlm", batch_size: int = 8, lr: float = 1e-4,
+                 validation_fraction: float = 0.1, early_stopping_patience: Optional[int] = None,
+                 checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
+                 mixed_precision: bool = False, seed: int = 0) -> list[dict]:
+        """Masked-token pretraining on ``self.adata`` (labels unused): ``config.mask_prob`` of each
+        cell's non-zero genes are chosen, ``config.replace_prob`` of those replaced by the mask
+        token, and the cross-entropy of their true tokens is minimised. ``mode`` must be ``"mlm"``
+        (kept for API parity with ScGPT). Other arguments as in :meth:`fit`.
+        """
+        if mode != "mlm":
+            raise ValueError(f"ScBERT pretrains with mode='mlm' only, got {mode!r}")
+        return self._train("mlm", epochs=epochs, batch_size=batch_size, lr=lr,
+                           validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                           class_weights=False, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                           mixed_precision=mixed_precision, seed=seed)
+
+    def fit(self, epochs: int = 10, batch_size: int = 8, lr: float = 1e-4, validation_fraction: float = 0.1,
+            early_stopping_patience: Optional[int] = None, class_weights: bool = False,
+            checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
+            mixed_precision: bool = False, seed: int = 0) -> list[dict]:
+        """Fine-tune for cell-type classification (cross-entropy, Adam); thesis: 10 epochs, batch 8,
+        lr 1e-4. Layers are frozen per ``config.trainable_layers``.
+
+        Parameters
+        ----------
+        epochs : total epochs (with ``resume``, training continues up to this count).
+        validation_fraction : cells held out (stratified) for validation loss / accuracy; 0 disables.
+        early_stopping_patience : stop after this many epochs without a lower validation loss and
+            restore the best weights; None trains all epochs.
+        class_weights : weight the loss by inverse class frequency (the original computed such
+            weights and never used them).
+        checkpoint_dir, resume : write weights, optimizer and trainer state after every epoch
+            (atomically); continue from them. Shuffling, masks, dropout and projection redraws of an
+            epoch depend only on (seed, epoch), so a resumed run repeats the uninterrupted one.
+        mixed_precision : autocast to bfloat16 (CPU) / float16 (CUDA).
+        seed : seeds the split, shuffling, masks and dropout (torch's global RNG is restored after).
+
+        Returns the per-epoch history (epoch, step, train_loss, val_loss, val_accuracy).
+        """
+        if self.module.cls_head is None:
+            raise ValueError("fit() trains the classifier: construct ScBERT with label_key=... "
+                             "(use pretrain() for self-supervised training)")
+        return self._train("classify", epochs=epochs, batch_size=batch_size, lr=lr,
+                           validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                           class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
+                           progress=progress, mixed_precision=mixed_precision, seed=seed)
+
+    def _autocast(self, enabled: bool):
+        import contextlib
+
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+
+    def _split(self, n, labels, fraction, seed):
+        idx = np.arange(n)
+        if fraction == 0:
+            return idx, np.array([], dtype=np.int64)
+        n_val = int(round(fraction * n))
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"validation_fraction={fraction} leaves {n - n_val} training / {n_val} validation "
+                             f"cells of {n}; use 0 to disable validation")
+        from sklearn.model_selection import train_test_split
+
+        strat = None
+        if labels is not None:
+            _, counts = np.unique(labels, return_counts=True)
+            if counts.min() >= 2 and n_val >= len(counts):
+                strat = labels
+        tr, va = train_test_split(idx, test_size=n_val, random_state=seed, stratify=strat)
+        return np.sort(tr), np.sort(va)
+
+    def _loss(self, objective, tokens, labels, weights, gen):
+        if objective == "mlm":
+            return self.module.mlm_loss(tokens, generator=gen)
+        logits = self.module(tokens).logits
+        ok = labels >= 0
+        if not bool(ok.any()):
+            return logits.sum() * 0.0
+        return torch.nn.functional.cross_entropy(logits[ok].float(), labels[ok], weight=weights)
+
+    def _train(self, objective, *, epochs, batch_size, lr, validation_fraction, early_stopping_patience,
+               class_weights, checkpoint_dir, resume, progress, mixed_precision, seed):
+        from tqdm.auto import tqdm
+
+        for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+        if early_stopping_patience is not None and (early_stopping_patience < 1 or validation_fraction == 0):
+            raise ValueError("early_stopping_patience needs validation_fraction > 0 and a value >= 1")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        if self.adata is None:
+            raise ValueError("this model was loaded without an AnnData; pass adata= to ScBERT.load to train it")
+
+        toks = self._tokens(self.adata)
+        labels = self._labels(self.adata) if objective == "classify" else None
+        tr_idx, va_idx = self._split(len(toks), labels, validation_fraction, seed)
+        weights = None
+        if objective == "classify":
+            self.module.freeze_for_finetuning(self.config.trainable_layers)
+            if class_weights:
+                lab = labels[tr_idx]
+                counts = np.bincount(lab[lab >= 0], minlength=len(self.label_categories)).astype(np.float64)
+                w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+                weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        else:
+            self.module.freeze_for_finetuning(None)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        state = {"objective": objective, "epoch": 0, "step": 0, "best_val": None, "bad_epochs": 0, "history": []}
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            if resume:
+                state = self._load_checkpoint(checkpoint_dir, opt, objective)
+            elif os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
+                raise FileExistsError(f"{checkpoint_dir} already holds a training checkpoint; pass resume=True "
+                                      "to continue it or choose another checkpoint_dir")
+        best_weights = None
+        if early_stopping_patience is not None and checkpoint_dir is not None and resume:
+            best_path = os.path.join(checkpoint_dir, "best.safetensors")
+            if os.path.exists(best_path):
+                best_weights = _load_weights(best_path)
+
+        lab_t = None if labels is None else torch.from_numpy(labels)
+        steps_per_epoch = -(-len(tr_idx) // batch_size)
+        bar = tqdm(total=max(0, epochs - state["epoch"]) * steps_per_epoch, disable=not progress,
+                   desc=f"scBERT {objective}", unit="batch")
+        cuda_devs = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devs):
+            for epoch in range(state["epoch"], epochs):
+                if early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
+                    break
+                epoch_seed = seed * 100_003 + epoch
+                torch.manual_seed(epoch_seed)  # dropout and projection redraws depend on (seed, epoch) only
+                gen = torch.Generator().manual_seed(epoch_seed + 1)
+                order = tr_idx[torch.randperm(len(tr_idx), generator=gen).numpy()]
+                self.module.train()
+                total, count = 0.0, 0
+                for s in range(0, len(order), batch_size):
+                    rows = order[s:s + batch_size]
+                    tokens = toks.dense(rows).to(self.device)
+                    lab = None if lab_t is None else lab_t[rows].to(self.device)
+                    with self._autocast(mixed_precision):
+                        loss = self._loss(objective, tokens, lab, weights, gen)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    total += float(loss.detach()) * len(rows)
+                    count += len(rows)
+                    state["step"] += 1
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4f}")
+                rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": total / max(count, 1)}
+                if len(va_idx):
+                    rec.update(self._evaluate(toks, lab_t, va_idx, objective, batch_size, weights, mixed_precision,
+                                              seed))
+                    if state["best_val"] is None or rec["val_loss"] < state["best_val"]:
+                        state["best_val"], state["bad_epochs"] = rec["val_loss"], 0
+                        if early_stopping_patience is not None:
+                            best_weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                            if checkpoint_dir is not None:
+                                _save_weights(os.path.join(checkpoint_dir, "best.safetensors"), self.module)
+                    else:
+                        state["bad_epochs"] += 1
+                state["epoch"] = epoch + 1
+                state["history"].append(rec)
+                if checkpoint_dir is not None:
+                    self._save_checkpoint(checkpoint_dir, opt, state)
+        bar.close()
+        if best_weights is not None:
+            self.module.load_state_dict(best_weights)
+        self.module.eval()
+        self.history = list(state["history"])
+        return self.history
+
+    @torch.no_grad()
+    def _evaluate(self, toks, lab_t, idx, objective, batch_size, weights, mixed_precision, seed) -> dict:
+        self.module.eval()
+        gen = torch.Generator().manual_seed(seed)  # the same validation masks every epoch
+        total, count, correct, n_lab = 0.0, 0, 0, 0
+        for s in range(0, len(idx), batch_size):
+            rows = idx[s:s + batch_size]
+            tokens = toks.dense(rows).to(self.device)
+            lab = None if lab_t is None else lab_t[rows].to(self.device)
+            with self._autocast(mixed_precision):
+                total += float(self._loss(objective, tokens, lab, weights, gen)) * len(rows)
+                if objective == "classify":
+                    ok = lab >= 0
+                    correct += int((self.module(tokens).logits.argmax(1) == lab)[ok].sum())
+                    n_lab += int(ok.sum())
+            count += len(rows)
+        out = {"val_loss": total / max(count, 1)}
+        if objective == "classify":
+            out["val_accuracy"] = correct / max(n_lab, 1)
+        return out
+
+    def _save_checkpoint(self, folder, opt, state) -> None:
+        _save_weights(os.path.join(folder, "model.safetensors"), self.module)
+        _atomic_write(os.path.join(folder, "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
+        self._write_meta(folder)
+        _write_json(os.path.join(folder, "trainer_state.json"), state)  # last: marks a complete checkpoint
+
+    def _load_checkpoint(self, folder, opt, objective) -> dict:
+        path = os.path.join(folder, "trainer_state.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"resume=True but {folder} holds no trainer_state.json")
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("objective") != objective:
+            raise ValueError(f"checkpoint in {folder} is from objective {state.get('objective')!r}, not {objective!r}")
+        self.module.load_state_dict(_load_weights(os.path.join(folder, "model.safetensors")))
+        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
+                                       weights_only=True))
+        return state
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def _run(self, adata, batch_size: int, min_gene_overlap, classify: bool):
+        _check_adata(adata, self.layer)
+        toks = self._tokens(adata, min_gene_overlap)
+        self.module.eval()
+        embs, logits = [], []
+        for s in range(0, len(toks), batch_size):
+            out = self.module(toks.dense(np.arange(s, min(s + batch_size, len(toks)))).to(self.device),
+                              classify=classify)
+            embs.append(out.cell_emb.float().cpu())
+            if out.logits is not None:
+                logits.append(out.logits.float().cpu())
+        return torch.cat(embs), (torch.cat(logits) if logits else None)
+
+    def get_latent_representation(self, adata=None, batch_size: int = 16, normalize: bool = True,
+                                  min_gene_overlap: Union[float, int] = 0.5) -> np.ndarray:
+        """Cell embeddings (n_cells, dim) float32: mean of the encoder output over the panel genes
+        (the extra last position excluded), L2-normalised when ``normalize``."""
+        adata = self._default_adata(adata)
+        emb, _ = self._run(adata, batch_size, min_gene_overlap, classify=False)
+        if normalize:
+            emb = torch.nn.functional.normalize(emb, dim=1)
+        return emb.numpy().astype(np.float32)
+
+    def predict(self, adata=None, prefix: str = "scbert", batch_size: int = 16, copy: bool = False,
+                overwrite: bool = False, min_gene_overlap: Union[float, int] = 0.5,
+                unassigned_threshold: Optional[float] = 0.5):
+        """Predict cell types and write them, with probabilities and embeddings, into AnnData.
+
+        Writes ``obs[f"{prefix}_pred"]`` (categorical: the training classes, plus ``"Unassigned"``
+        for cells whose maximum probability is below ``unassigned_threshold`` — 0.5 as the
+        original; None never assigns it), ``obsm[f"{prefix}_proba"]`` (n_cells, n_classes) softmax
+        probabilities (columns as ``self.label_categories``, also in ``uns[prefix]["classes"]``),
+        ``obsm[f"X_{prefix}"]`` (n_cells, dim) L2-normalised cell embeddings, metadata in
+        ``uns[prefix]``. Copy / overwrite policy as :meth:`ScGPT.predict`.
+        """
+        if self.module.cls_head is None:
+            raise ValueError("this model has no classifier (constructed without label_key); use "
+                             "get_latent_representation() for embeddings")
+        if unassigned_threshold is not None and not 0 <= unassigned_threshold <= 1:
+            raise ValueError(f"unassigned_threshold must be in [0, 1] or None, got {unassigned_threshold!r}")
+        adata = self._default_adata(adata)
+        _check_adata(adata, self.layer)
+        keys = [("obs", f"{prefix}_pred"), ("obsm", f"{prefix}_proba"), ("obsm", f"X_{prefix}")]
+        ours = isinstance(adata.uns.get(prefix), dict) and adata.uns[prefix].get("writer") == _FORMAT
+        clash = [f"{a}[{k!r}]" for a, k in keys if k in getattr(adata, a).keys()]
+        if clash and not (ours or overwrite):
+            raise ValueError(f"adata already has {clash}; pass overwrite=True or another prefix")
+        emb, logits = self._run(adata, batch_size, min_gene_overlap, classify=True)
+        proba = torch.softmax(logits, dim=1).numpy()
+        cats = list(self.label_categories)
+        codes = proba.argmax(1)
+        if unassigned_threshold is not None:
+            if UNASSIGNED not in cats:
+                cats = cats + [UNASSIGNED]
+            codes = np.where(proba.max(1) < unassigned_threshold, cats.index(UNASSIGNED), codes)
+        target = adata.copy() if copy else adata
+        target.obs[f"{prefix}_pred"] = pd.Categorical.from_codes(codes, categories=cats)
+        target.obsm[f"{prefix}_proba"] = proba.astype(np.float32)
+        target.obsm[f"X_{prefix}"] = torch.nn.functional.normalize(emb, dim=1).numpy().astype(np.float32)
+        target.uns[prefix] = {"writer": _FORMAT, "classes": [str(c) for c in self.label_categories],
+                              "label_key": self.label_key or "",
+                              "unassigned_threshold": -1.0 if unassigned_threshold is None else float(unassigned_threshold),
+                              "config": {k: ("" if v is None else v) for k, v in self.config.to_dict().items()}}
+        return target
+
+    def _default_adata(self, adata):
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("pass adata: this model was loaded without one")
+            return self.adata
+        return adata
+
+    # ------------------------------------------------------------------ persistence
+
+    def _meta(self) -> dict:
+        return {"format": _FORMAT, "version": 1, "config": self.config.to_dict(), "n_genes": self.module.n_genes,
+                "n_classes": self.module.n_classes, "label_key": self.label_key, "layer": self.layer,
+                "label_categories": self.label_categories}
+
+    def _write_meta(self, folder: str) -> None:
+        _write_json(os.path.join(folder, "config.json"), self._meta())
+        self.vocab.save(os.path.join(folder, "vocab.json"))
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Write ``model.safetensors``, ``config.json`` and ``vocab.json`` (the panel) into folder
+        ``path``, each atomically; an existing saved model is replaced only with ``overwrite=True``."""
+        if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
+        os.makedirs(path, exist_ok=True)
+        _save_weights(os.path.join(path, "model.safetensors"), self.module)
+        self._write_meta(path)
+
+    @classmethod
+    def load(cls, path: str, adata=None, device: Optional[Union[str, torch.device]] = None) -> "ScBERT":
+        """Load a model written by :meth:`save` (or a checkpoint folder of :meth:`fit`); ``adata``
+        becomes the default data of :meth:`predict` and of further training."""
+        from biogen.sc import GeneVocab
+
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{path} holds no config.json; is it a folder written by ScBERT.save()?")
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{cfg_path} is not a {_FORMAT} config")
+        vocab = GeneVocab.load(os.path.join(path, "vocab.json"))
+        module = ScBERTModel(ScBERTConfig.from_dict(meta["config"]), meta["n_genes"], n_classes=meta["n_classes"])
+        module.load_state_dict(_load_weights(os.path.join(path, "model.safetensors")))
+        self = cls.__new__(cls)
+        self._setup(module, vocab, meta["label_key"], meta["layer"], meta["label_categories"], device)
+        self.module.eval()
+        if adata is not None:
+            _check_adata(adata, self.layer)
+            self.adata = adata
+        return self
+
+    @classmethod
+    def from_scbert_checkpoint(cls, path: str, adata, genes, label_key: Optional[str] = None,
+                               layer: Optional[str] = None, heads: int = 10,
+                               device: Optional[Union[str, torch.device]] = None, **config_overrides) -> "ScBERT":
+        """Start from an original scBERT checkpoint (``panglao_pretrain.pth`` or a fine-tuned one;
+        see :func:`load_scbert_checkpoint`). ``genes``: the checkpoint's panel in order (the
+        original's 16,906 gene2vec genes, e.g. the first column of ``gene2vec_16906.txt``), or a
+        path to a text file with one gene per line (further columns ignored). With ``label_key`` a
+        fresh classification head for its categories replaces any stored head."""
+        from biogen.sc import GeneVocab
+
+        if isinstance(genes, (str, os.PathLike)):
+            with open(genes, encoding="utf-8") as f:
+                genes = [ln.split()[0] for ln in f if ln.strip()]
+        module = load_scbert_checkpoint(path, heads=heads, **config_overrides)
+        if len(genes) != module.n_genes:
+            raise ValueError(f"the checkpoint has a panel of {module.n_genes} genes, but {len(genes)} gene names "
+                             "were given")
+        vocab = GeneVocab(genes)
+        _check_adata(adata, layer)
+        vocab.map_genes(adata, min_overlap=0.5)
+        label_categories = None
+        if label_key is not None:
+            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
+            if len(label_categories) < 2:
+                raise ValueError(f"label_key {label_key!r} has fewer than 2 classes")
+            module.replace_classifier(len(label_categories))
+        elif module.cls_head is not None:
+            label_categories = [f"class_{i}" for i in range(module.n_classes)]
+        self = cls.__new__(cls)
+        self._setup(module, vocab, label_key, layer, label_categories, device)
+        self.adata = adata
+        return self
+
+
+def _init_gene_vectors(module: ScBERTModel, vocab, path: str) -> None:
+    genes, vec = load_gene_vectors(path)
+    dim = module.config.dim
+    if vec.shape[1] != dim:
+        raise ValueError(f"gene vectors in {path} have dimension {vec.shape[1]}, but the model's dim is {dim}; "
+                         "use a config with dim equal to the vector size")
+    row = {g: i for i, g in enumerate(genes)}
+    panel = vocab.genes
+    known = np.array([g in row for g in panel])
+    if not known.any():
+        raise ValueError(f"none of the {len(panel)} panel genes (e.g. {panel[:3]}) is in {path} "
+                         f"(e.g. {genes[:3]}); check gene identifiers")
+    full = np.zeros((len(panel), dim), np.float32)
+    idx = np.flatnonzero(known)
+    full[idx] = vec[[row[panel[i]] for i in idx]]
+    module.set_gene_vectors(torch.from_numpy(full), torch.from_numpy(known))
+
+
+def _make_config(config, overrides: dict) -> ScBERTConfig:
+    if isinstance(config, str):
+        return ScBERTConfig.preset(config, **overrides)
+    if isinstance(config, ScBERTConfig):
+        return replace(config, **overrides) if overrides else _copy.copy(config)
+    raise TypeError(f"config must be a preset name or an ScBERTConfig, got {type(config).__name__}")
