@@ -35,8 +35,8 @@ import torch
 
 from .scbert_checkpoint import load_scbert_checkpoint, map_scbert_keys
 from .scbert_module import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
-from .scgpt import (_atomic_write, _categories, _check_adata, _load_weights, _obs_column, _save_weights, _to_py,
-                    _write_json)
+from ..utils import write_json as _write_json
+from .scgpt import _atomic_write, _categories, _check_adata, _load_weights, _obs_column, _save_weights, _to_py
 
 __all__ = [
     "MASK_TOKEN", "N_BINS", "ScBERT", "ScBERTConfig", "ScBERTModel", "ScBERTOutput", "ScBERTTokens",

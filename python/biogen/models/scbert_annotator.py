@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .scbert import ScBERT
-from .scgpt import _write_json
+from ..utils import write_json as _write_json
 
 __all__ = ["ScBERTAnnotator"]
 
