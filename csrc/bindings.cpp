@@ -35,6 +35,37 @@ std::pair<int, std::string> device_count();
 }  // namespace biogen::cuda
 #endif
 
+// --- diffusion: group_norm_silu and sampler_step (csrc/cpu/group_norm.cpp, csrc/cpu/sampler.cpp) ---
+BIOGEN_CPU_DECLARE(void, group_norm_fwd,
+                   (int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift, uintptr_t y,
+                    uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last,
+                    double eps, int act, int nthreads))
+BIOGEN_CPU_DECLARE(void, group_norm_bwd,
+                   (int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale,
+                    uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t sum_dz,
+                    uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last, int act,
+                    int nthreads))
+BIOGEN_CPU_DECLARE(void, sampler_step,
+                   (int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t px0, uintptr_t noise,
+                    uintptr_t prev, uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
+                    uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N,
+                    int pred, double w, double clip, double ratio, double max_value, int nthreads))
+#ifdef BIOGEN_WITH_CUDA
+namespace biogen::cuda {
+void group_norm_fwd(int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift, uintptr_t y,
+                    uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last,
+                    double eps, int act, uintptr_t stream);
+void group_norm_bwd(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale,
+                    uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t sum_dz,
+                    uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last, int act,
+                    uintptr_t stream);
+void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t px0, uintptr_t noise, uintptr_t prev,
+                  uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample, uintptr_t c_x0, uintptr_t c_eps,
+                  uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N, int pred, double w, double clip,
+                  double ratio, double max_value, uintptr_t stream);
+}  // namespace biogen::cuda
+#endif
+
 static py::dict build_info() {
   py::dict d;
   d["version"] = BIOGEN_VERSION;
@@ -94,4 +125,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seed"), py::arg("cell_offset"), py::arg("out"), py::arg("num_threads"),
       "scGPT binning of CSR rows (raw pointers: int64 indptr, float32/float64 data, float64 quantile levels, "
       "int32 out). Checked and called by biogen.sc.binning.bin_values.");
+  // diffusion: group_norm_silu (GroupNorm + affine + FiLM + SiLU) and sampler_step
+  m.def("group_norm_fwd_cpu", [](int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift,
+                                 uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S,
+                                 int64_t G, int cl, double eps, int act, int nthreads) {
+    py::gil_scoped_release nogil;
+    BIOGEN_CPU_CALL(group_norm_fwd, dtype, x, w, b, scale, shift, y, mean, rstd, B, C, S, G, cl, eps, act, nthreads);
+  });
+  m.def("group_norm_bwd_cpu", [](int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale,
+                                 uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t sum_dz,
+                                 uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int cl, int act,
+                                 int nthreads) {
+    py::gil_scoped_release nogil;
+    BIOGEN_CPU_CALL(group_norm_bwd, dtype, dy, x, w, b, scale, shift, mean, rstd, dx, sum_dz, sum_dzx, B, C, S, G,
+                    cl, act, nthreads);
+  });
+  m.def("sampler_step_cpu", [](int dtype, uintptr_t x, uintptr_t mo, uintptr_t mu, uintptr_t px0, uintptr_t noise,
+                               uintptr_t prev, uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
+                               uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B,
+                               int64_t N, int pred, double w, double clip, double ratio, double max_value,
+                               int nthreads) {
+    py::gil_scoped_release nogil;
+    BIOGEN_CPU_CALL(sampler_step, dtype, x, mo, mu, px0, noise, prev, x0, alpha, sigma, c_sample, c_x0, c_eps,
+                    c_noise, c_prev_x0, B, N, pred, w, clip, ratio, max_value, nthreads);
+  });
+#ifdef BIOGEN_WITH_CUDA
+  m.def("group_norm_fwd_cuda", &biogen::cuda::group_norm_fwd);
+  m.def("group_norm_bwd_cuda", &biogen::cuda::group_norm_bwd);
+  m.def("sampler_step_cuda", &biogen::cuda::sampler_step);
+#endif
+  // end diffusion
 }

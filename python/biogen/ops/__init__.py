@@ -13,13 +13,17 @@ from ._runtime import (
     build_info,
     use_backend,
 )
+from .group_norm import group_norm_silu
 from .masked_attention import masked_gene_attention
+from .sampler import sampler_step
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
     "build_info",
+    "group_norm_silu",
     "masked_gene_attention",
+    "sampler_step",
     "use_backend",
 ]
