@@ -59,10 +59,11 @@ void group_norm_bwd(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t
                     uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t sum_dz,
                     uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last, int act,
                     uintptr_t stream);
+// mode 0: whole step; 1: write the float32 x0 to x0f only; 2: finish from x0f with per-sample thresholds th
 void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t px0, uintptr_t noise, uintptr_t prev,
-                  uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample, uintptr_t c_x0, uintptr_t c_eps,
-                  uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N, int pred, double w, double clip,
-                  double ratio, double max_value, uintptr_t stream);
+                  uintptr_t x0, uintptr_t x0f, uintptr_t th, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
+                  uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N,
+                  int pred, double w, double clip, int mode, uintptr_t stream);
 }  // namespace biogen::cuda
 #endif
 

@@ -315,6 +315,41 @@ void bwd_row_sums(const typename S::T* x, const typename S::T* dy, int64_t n, fl
   *sdz = d1; *sdzx = d2;
 }
 
+// float32: pass 1 also leaves dz in dx, so pass 2 (on the block still in cache) skips the exp.
+template <int ACT>
+void bwd_row_sums_store(const float* x, const float* dy, float* dz_out, int64_t n, float A, float Bc, float xr,
+                        float xm, double* sdz, double* sdzx) {
+  const v16f va = vbroadcast(A), vb = vbroadcast(Bc), vr = vbroadcast(xr), vm = vbroadcast(xm);
+  double d1 = 0, d2 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
+    const int64_t i1 = std::min(n, i0 + kFlush);
+    v16f a1 = {}, a2 = {};
+    int64_t i = i0;
+    for (; i + kVec <= i1; i += kVec) {
+      const v16f xv = vload(x + i);
+      const v16f dz = vload(dy + i) * vdact<ACT>(xv * va + vb);
+      vstore(dz_out + i, dz);
+      a1 += dz;
+      a2 += dz * (xv * vr + vm);
+    }
+    float t1 = vsum(a1), t2 = vsum(a2);
+    for (; i < i1; ++i) {
+      const float xv = x[i], dz = dy[i] * sdact<ACT>(xv * A + Bc);
+      dz_out[i] = dz;
+      t1 += dz; t2 += dz * (xv * xr + xm);
+    }
+    d1 += t1; d2 += t2;
+  }
+  *sdz = d1; *sdzx = d2;
+}
+
+inline void bwd_row_dx_from_dz(const float* x, float* dzdx, int64_t n, BwdCoef k) {
+  const v16f vp = vbroadcast(k.P), vq = vbroadcast(k.Q), vr = vbroadcast(k.R), vm = vbroadcast(k.M);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) vstore(dzdx + i, vload(dzdx + i) * vp + (vload(x + i) - vm) * vq + vr);
+  for (; i < n; ++i) dzdx[i] = dzdx[i] * k.P + (x[i] - k.M) * k.Q + k.R;
+}
+
 template <class S, int ACT>
 void bwd_row_dx(const typename S::T* x, const typename S::T* dy, typename S::T* dx, int64_t n, float A, float Bc,
                 BwdCoef k) {
@@ -348,13 +383,22 @@ void bwd_nchw(const typename S::T* dy, const typename S::T* x, typename S::T* dx
       const float m = mean[bg], r = rstd[bg];
       for (int64_t c = 0; c < cpg; ++c) {
         fold(p, b, g * cpg + c, m, r, &A[c], &Bc[c]);
-        bwd_row_sums<S, ACT>(x + off + c * S_, dy + off + c * S_, S_, A[c], Bc[c], r, -m * r, &sdz[c], &sdzx[c]);
+        if constexpr (std::is_same_v<S, F32>)
+          bwd_row_sums_store<ACT>(x + off + c * S_, dy + off + c * S_, dx + off + c * S_, S_, A[c], Bc[c], r,
+                                  -m * r, &sdz[c], &sdzx[c]);
+        else
+          bwd_row_sums<S, ACT>(x + off + c * S_, dy + off + c * S_, S_, A[c], Bc[c], r, -m * r, &sdz[c],
+                               &sdzx[c]);
         sum_dz[b * p.C + g * cpg + c] = float(sdz[c]);
         sum_dzx[b * p.C + g * cpg + c] = float(sdzx[c]);
       }
       group_bwd_coefs(p, b, g, m, r, sdz.data(), sdzx.data(), k.data());
-      for (int64_t c = 0; c < cpg; ++c)
-        bwd_row_dx<S, ACT>(x + off + c * S_, dy + off + c * S_, dx + off + c * S_, S_, A[c], Bc[c], k[c]);
+      for (int64_t c = 0; c < cpg; ++c) {
+        if constexpr (std::is_same_v<S, F32>)
+          bwd_row_dx_from_dz(x + off + c * S_, dx + off + c * S_, S_, k[c]);
+        else
+          bwd_row_dx<S, ACT>(x + off + c * S_, dy + off + c * S_, dx + off + c * S_, S_, A[c], Bc[c], k[c]);
+      }
     }
   }
 }

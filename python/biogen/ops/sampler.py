@@ -85,14 +85,26 @@ def _native(backend, sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_e
         px0, coef[6] = None, None
     if nz is None or coef[5] is None:
         nz, coef[5] = None, None
-    args = (DTYPE_CODES[dt], x.data_ptr(), m.data_ptr(), _ptr(mu), _ptr(px0), _ptr(nz), prev.data_ptr(),
-            x0.data_ptr(), *(_ptr(c) for c in coef), B, N, PREDICTION_TYPES[prediction_type],
-            float(guidance_scale), -1.0 if clip_sample is None else float(clip_sample),
-            -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value))
-    if backend == "cpu":
-        _C.sampler_step_cpu(*args, num_threads())
-    else:
-        _C.sampler_step_cuda(*args, cuda_stream(x))
+    tensors = (DTYPE_CODES[dt], x.data_ptr(), m.data_ptr(), _ptr(mu), _ptr(px0), _ptr(nz), prev.data_ptr(),
+               x0.data_ptr())
+    coef_ptrs = tuple(_ptr(c) for c in coef)
+    pred = PREDICTION_TYPES[prediction_type]
+    clip = -1.0 if clip_sample is None or dynamic_threshold is not None else float(clip_sample)
+    if backend == "cpu":  # the quantile of dynamic thresholding is done inside the kernel
+        _C.sampler_step_cpu(*tensors, *coef_ptrs, B, N, pred, float(guidance_scale), clip,
+                            -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
+                            num_threads())
+        return prev, x0
+    stream = cuda_stream(x)
+    if dynamic_threshold is None:
+        _C.sampler_step_cuda(*tensors, 0, 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 0, stream)
+        return prev, x0
+    # two launches around torch.quantile of the float32 x0 (a selection kernel is not worth it here)
+    x0f = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    _C.sampler_step_cuda(*tensors, x0f.data_ptr(), 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 1, stream)
+    th = reference.threshold_scales_ref(x0f, float(dynamic_threshold), float(sample_max_value)).contiguous()
+    _C.sampler_step_cuda(*tensors, x0f.data_ptr(), th.data_ptr(), *coef_ptrs, B, N, pred, float(guidance_scale),
+                         clip, 2, stream)
     return prev, x0
 
 
