@@ -10,7 +10,12 @@ from typing import Optional, Sequence
 
 # Modules that contribute subcommands: each defines add_cli(subparsers) and sets a ``func`` default
 # on its parsers taking the parsed args and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("biogen.selfcheck", "biogen.sc.cli", "biogen.models.tumorsynth_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "biogen.selfcheck",
+    "biogen.sc.cli",
+    "biogen.models.tumorsynth_cli",
+    "biogen.models.rna_cdm_cli",
+)
 
 
 class CLIError(Exception):

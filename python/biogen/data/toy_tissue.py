@@ -282,6 +282,7 @@ def simulate_toy_tissue(n_samples: int, tiles_per_sample: int = 4, config: Optio
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.obsm["fractions"] = fr.astype(np.float32)
     adata.uns["cell_types"] = list(CELL_TYPES)
+    adata.uns["signatures"] = sig.astype(np.float64)  # lets evaluation deconvolve the RNA later
     return ToyTissue(adata, tiles, counts, sig, cfg)
 
 

@@ -440,10 +440,12 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     ema = copy.deepcopy({s: (model.tokens[s].state_dict(), model.unets[s].state_dict()) for s in stages}) if tc.ema_decay else None
     g = torch.Generator().manual_seed(tc.seed)
     hist: dict = {s: [] for s in stages}
+    hist["step_seconds"] = []
     t0 = time.perf_counter()
     model.train()
     dev = model.latent_mean.device
     for step in range(tc.steps):
+        ts = time.perf_counter()
         idx = torch.randint(0, len(x), (min(tc.batch_size, len(x)),), generator=g)
         xb, zb = x[idx].to(dev), zz[idx]
         if torch.rand((), generator=g) < 0.5:  # flips are label-preserving for tissue tiles
@@ -470,6 +472,7 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
                                 tgt[k].mul_(tc.ema_decay).add_(v.detach(), alpha=1 - tc.ema_decay)
                             else:
                                 tgt[k].copy_(v)
+        hist["step_seconds"].append(time.perf_counter() - ts)
         if log and (step % 50 == 0 or step == tc.steps - 1):
             log(f"step {step + 1}/{tc.steps} " + " ".join(f"{s} {np.mean(hist[s][-50:]):.4f}" for s in stages)
                 + f" ({time.perf_counter() - t0:.0f}s)")

@@ -320,7 +320,7 @@ class RNAEncoder:
                 out["loss"].backward()
                 opt.step()
                 sched.step()
-                tot += float(out["loss"]) * len(idx)
+                tot += float(out["loss"].detach()) * len(idx)
                 n += len(idx)
             val = enc._eval_loss(xva)
             hist.train_loss.append(tot / max(n, 1))
