@@ -377,8 +377,8 @@ class RNACDM(nn.Module):
 class CascadeTrainConfig:
     """Training of the cascade: AdamW, warm-up + cosine LR, optional EMA of the weights.
 
-    ``steps``: optimiser steps per stage; ``max_seconds``: optional wall-clock budget per stage
-    (training stops at whichever comes first; the cosine schedule follows ``steps``).
+    ``steps``: optimiser steps; ``max_seconds``: optional wall-clock budget (training stops at
+    whichever comes first, and the cosine decay follows whichever is further along).
     """
 
     steps: int = 2000
@@ -431,12 +431,16 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     params = [p for s in stages for p in list(model.tokens[s].parameters()) + list(model.unets[s].parameters())]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
-    def lr_at(step):
+    def lr_factor(step: int, elapsed: float) -> float:
+        # with a time budget, progress is whichever of steps and seconds is further along, so the
+        # cosine decay finishes when training stops even if the machine is slower than expected
         if step < tc.warmup_steps:
             return (step + 1) / tc.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))))
+        p = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+        if tc.max_seconds is not None:
+            p = max(p, elapsed / tc.max_seconds)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = copy.deepcopy({s: (model.tokens[s].state_dict(), model.unets[s].state_dict()) for s in stages}) if tc.ema_decay else None
     g = torch.Generator().manual_seed(tc.seed)
     hist: dict = {s: [] for s in stages}
@@ -446,6 +450,8 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     dev = model.latent_mean.device
     for step in range(tc.steps):
         ts = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * lr_factor(step, ts - t0)
         idx = torch.randint(0, len(x), (min(tc.batch_size, len(x)),), generator=g)
         xb, zb = x[idx].to(dev), zz[idx]
         if torch.rand((), generator=g) < 0.5:  # flips are label-preserving for tissue tiles
@@ -462,7 +468,6 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
-        sched.step()
         if ema is not None:
             with torch.no_grad():
                 for s in stages:

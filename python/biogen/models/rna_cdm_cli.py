@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import asdict
@@ -137,19 +136,13 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     model = RNACDM(cascade_preset(preset, enc.latent_dim))
     budget = minutes * 60.0
     hist = {}
-    # split the budget 60/40 between the stages; measure the step time first so that the cosine
-    # schedule ends when the budget does
+    # the budget is split 60/40 between the stages (the base stage carries the conditioning); the
+    # LR schedule follows the clock, so a slower machine trains fewer steps but still anneals
     for stage, share in (("base", 0.6), ("sr", 0.4)):
-        # the probe's weights are thrown away (a copy), its first step (warm-up allocations) not timed
-        probe_h = train_cascade(copy.deepcopy(model), x_train, z_train,
-                                CascadeTrainConfig(steps=4, batch_size=16, warmup_steps=1, seed=seed + 7),
-                                stages=(stage,))
-        per_step = float(np.median(probe_h["step_seconds"][1:]))
-        n_steps = max(20, int(share * budget / max(per_step, 1e-3)))
-        log(f"training the {stage} stage: {n_steps} steps (~{per_step:.2f}s/step)")
+        log(f"training the {stage} stage for {share * budget:.0f}s")
         hist[stage] = train_cascade(model, x_train, z_train,
-                                    CascadeTrainConfig(steps=n_steps, batch_size=16, lr=2e-3, warmup_steps=20,
-                                                       ema_decay=0.99, max_seconds=1.5 * share * budget, seed=seed),
+                                    CascadeTrainConfig(steps=100000, batch_size=16, lr=2e-3, warmup_steps=20,
+                                                       ema_decay=0.99, max_seconds=share * budget, seed=seed),
                                     stages=(stage,), log=log)
     model.save(out / "cascade.safetensors", extra={"vae": "vae.safetensors"})
     train_seconds = time.perf_counter() - t_start
