@@ -76,11 +76,23 @@ def _fid_kid(real: np.ndarray, fake: np.ndarray, train_images: np.ndarray, train
     return asdict(s)
 
 
-def _js(obj) -> dict:
-    """Dataclasses / numpy scalars to JSON-able values."""
+def _js(obj):
+    """Dataclasses / numpy scalars to JSON-able values; NaN (undefined correlation) becomes null."""
+    import math
+
     if hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    if isinstance(obj, dict):
+        return {str(k): _js(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_js(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
 
 
 def _grid_rows(rows: list[np.ndarray], path: Path, ncol: int) -> None:
@@ -96,7 +108,7 @@ def _grid_rows(rows: list[np.ndarray], path: Path, ncol: int) -> None:
 def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_samples: int = 120,
              tiles_per_sample: int = 4, eval_tiles_per_sample: int = 2, steps: int = 25, sr_steps: int = 15,
              guidance_scale: float = 3.0, perturb_amount: float = 0.3, seed: int = 0, overwrite: bool = False,
-             log: Callable[[str], None] = print) -> dict:
+             log: Optional[Callable[[str], None]] = None) -> dict:
     """Toy tissue -> RNA beta-VAE -> cascade (``preset``) -> grids, composition fidelity, perturbation,
     FID/KID; writes everything under ``out`` and returns the metrics dict (also ``metrics.json``)."""
     import torch
@@ -108,6 +120,7 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     from .rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
     from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
+    log = log or (lambda msg: print(msg, flush=True))  # flushed: progress shows when stdout is a file
     t_start = time.perf_counter()
     out = prepare_output_dir(out, overwrite=overwrite)
     torch.manual_seed(seed)
@@ -217,7 +230,7 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
         "fid_kid_real_vs_real": fk_rr,
         "seconds": {"train": train_seconds, "total": time.perf_counter() - t_start},
     }
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", _js(metrics))
     f = ev["fidelity"]
     log(f"composition fidelity: within-type r = {f.within_type_r:.3f}, pooled r = {f.pooled_r:.3f} "
         f"(real tiles: {real_fid.within_type_r:.3f}); lymphocyte fraction {pert.mean_before:.3f} -> "
@@ -280,9 +293,9 @@ def _cmd_train(args) -> int:
                          CascadeTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                             ema_decay=args.ema, seed=args.seed,
                                             max_seconds=args.minutes * 60 if args.minutes else None),
-                         stages=tuple(args.stages), log=print)
+                         stages=tuple(args.stages), log=lambda msg: print(msg, flush=True))
     model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
-    write_json(out / "history.json", {k: v for k, v in hist.items()})
+    write_json(out / "history.json", _js(hist))
     print(f"wrote {out}/cascade.safetensors")
     return 0
 
@@ -350,6 +363,7 @@ def _cmd_evaluate(args) -> int:
     else:
         metrics["composition_fidelity"] = None
         print("note: no uns['signatures'] and no --fractions-key: composition fidelity skipped")
+    metrics = _js(metrics)
     write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return 0
