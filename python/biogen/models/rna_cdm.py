@@ -1,7 +1,7 @@
 """RNA-CDM cascade (SPEC 3.1): RNA latent -> 64x64 base tile -> 256x256 super-resolution tile.
 
 Two diffusion stages, each a :class:`biogen.nn.UNet` (fused GroupNorm+FiLM+SiLU, attention,
-cross-attention) predicting epsilon on a cosine schedule:
+cross-attention) predicting v (or epsilon) on a cosine schedule:
 
 - base: noise -> ``base_size`` tile, conditioned on the RNA latent;
 - sr: noise -> ``sr_size`` tile, conditioned on the RNA latent and on the base tile, upsampled
@@ -57,6 +57,10 @@ class CascadeConfig:
     cond_drop_prob : probability of training with the null condition (classifier-free guidance).
     noise_aug_max : largest low-res augmentation level in training, as a fraction of the schedule.
     num_train_timesteps, beta_schedule : the training noise schedule (cosine by default).
+    prediction_type : network target, 'v_prediction' (default: ``alpha eps - sigma x0``) or 'epsilon'.
+        v is used because with the cosine schedule alpha is ~0 at the noisiest steps, where an
+        epsilon model's x0 estimate ``(x - sigma eps) / alpha`` amplifies its errors; a briefly
+        trained epsilon model (the CPU demo) then samples noise, a v model does not.
     preset : the preset name the config came from (checked when loading a checkpoint).
     """
 
@@ -71,6 +75,7 @@ class CascadeConfig:
     noise_aug_max: float = 0.3
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"
     preset: str = "custom"
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class CascadeConfig:
             raise ValueError(f"sr_size ({self.sr_size}) must be a multiple of base_size ({self.base_size})")
         if not 0 <= self.cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if not 0 <= self.noise_aug_max < 1:
             raise ValueError(f"noise_aug_max must be in [0, 1), got {self.noise_aug_max}")
         # building the UNet configs validates widths/groups/heads now, not at first use
@@ -217,7 +224,7 @@ class RNACDM(nn.Module):
 
     def predict(self, stage: str, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                 low_res: Optional[torch.Tensor] = None, cond_drop_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Epsilon prediction of one stage.
+        """Network output (v or epsilon, per ``config.prediction_type``) of one stage.
 
         x_t: (batch, 3, size, size); t: (batch,); z: (batch, latent_dim); low_res (sr only):
         (batch, 4, sr, sr) from :meth:`low_res_input`; cond_drop_mask: (batch,) bool, True = null.
@@ -228,7 +235,7 @@ class RNACDM(nn.Module):
             x_t, t, cond=self.cond_tokens(stage, z), cond_drop_mask=cond_drop_mask)
 
     def guided_eps(self, stage: str, x_t, t, z, guidance_scale: float, low_res=None) -> torch.Tensor:
-        """Classifier-free guided epsilon ``eps_null + w (eps_cond - eps_null)`` (one batched forward)."""
+        """Classifier-free guided output ``out_null + w (out_cond - out_null)`` (one batched forward)."""
         B = x_t.shape[0]
         drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
         lr = None if low_res is None else torch.cat([low_res, low_res])
@@ -237,7 +244,7 @@ class RNACDM(nn.Module):
         return e_u + guidance_scale * (e_c - e_u)
 
     def loss(self, stage: str, x0: torch.Tensor, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Denoising loss (MSE on epsilon) of one stage on clean tiles ``x0`` (batch, 3, S, S) in [-1, 1].
+        """Denoising loss (MSE on v or epsilon) of one stage on clean tiles ``x0`` (batch, 3, S, S) in [-1, 1].
 
         Tiles of another size are resized (area) to the stage size; the SR stage builds its low-res
         input by downsampling x0 to ``base_size``.
@@ -263,7 +270,12 @@ class RNACDM(nn.Module):
             aug_t = (rand(B) * c.noise_aug_max * T).long()
             low = self.low_res_input(lo, aug_t, torch.randn(lo.shape, generator=generator).to(dev))
         drop = rand(B) < c.cond_drop_prob
-        return F.mse_loss(self.predict(stage, x_t, t, z, low, drop), noise)
+        if c.prediction_type == "epsilon":
+            target = noise
+        else:
+            acp = self.train_scheduler.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
+            target = acp.sqrt() * noise - (1 - acp).sqrt() * x0
+        return F.mse_loss(self.predict(stage, x_t, t, z, low, drop), target)
 
     # ------------------------------------------------------------------ sampling
 
@@ -272,7 +284,8 @@ class RNACDM(nn.Module):
         if name not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
         return make_scheduler(name, num_train_timesteps=self.config.num_train_timesteps,
-                              beta_schedule=self.config.beta_schedule, clip_sample=True)
+                              beta_schedule=self.config.beta_schedule, clip_sample=True,
+                              prediction_type=self.config.prediction_type)
 
     @torch.no_grad()
     def sample(self, z, *, scheduler: str = "dpmsolver++", steps: int = 25, sr_steps: Optional[int] = None,
