@@ -1,4 +1,12 @@
-"""Metrics: generative-image scores (FID, KID, IS)."""
+"""Metrics: generative-image scores (FID, KID, IS) and cell-composition fidelity."""
+
+from .composition import (
+    CompositionFidelity,
+    PerturbationEffect,
+    composition_fidelity,
+    perturbation_effect,
+    plot_composition,
+)
 
 from .generative import (
     DomainCNN,
@@ -14,6 +22,11 @@ from .generative import (
 )
 
 __all__ = [
+    "CompositionFidelity",
+    "PerturbationEffect",
+    "composition_fidelity",
+    "perturbation_effect",
+    "plot_composition",
     "DomainCNN",
     "DomainFeatures",
     "GenerativeScores",

@@ -1,0 +1,417 @@
+"""RNA beta-VAE of RNA-CDM (SPEC 3.1): bulk expression -> a compact latent that conditions diffusion.
+
+Layers: genes -> hidden[0] -> hidden[1] -> (mu, logvar) of ``latent_dim``; the decoder mirrors it.
+Each hidden layer is Linear -> BatchNorm1d -> LeakyReLU. Loss: MSE(recon, x) + beta * KL with the
+KL summed over latent dimensions and both terms averaged over the batch (MSE also over genes).
+
+The module (:class:`RNAVAE`) takes tensors only; :class:`RNAEncoder` owns the gene list, the
+z-scoring fitted on the training split (saved with the weights and reused at encode time), AnnData
+I/O (latents to ``adata.obsm``), training and checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import atomic_path
+
+__all__ = ["RNAVAE", "RNAVAEConfig", "RNAEncoder", "VAETrainConfig", "VAEHistory", "kl_divergence",
+           "plot_latents", "stratified_split"]
+
+
+@dataclass
+class RNAVAEConfig:
+    """beta-VAE sizes. Defaults are the paper's (hidden 6000/4000, latent 200, beta 0.005)."""
+
+    n_genes: int
+    hidden: Sequence[int] = (6000, 4000)
+    latent_dim: int = 200
+    beta: float = 0.005
+    negative_slope: float = 0.01
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if not isinstance(self.n_genes, int) or self.n_genes < 1:
+            raise ValueError(f"n_genes must be a positive integer, got {self.n_genes!r}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty sequence of positive sizes, got {self.hidden}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample: (batch, latent) -> (batch,)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def _mlp(sizes: Sequence[int], slope: float, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.LeakyReLU(slope)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class RNAVAE(nn.Module):
+    """The beta-VAE module. ``forward(x) -> (recon, mu, logvar)``; x: (batch, n_genes) z-scored."""
+
+    def __init__(self, config: RNAVAEConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.encoder = _mlp((c.n_genes,) + c.hidden, c.negative_slope, c.dropout)
+        self.mu = nn.Linear(c.hidden[-1], c.latent_dim)
+        self.logvar = nn.Linear(c.hidden[-1], c.latent_dim)
+        self.decoder = nn.Sequential(_mlp((c.latent_dim,) + c.hidden[::-1], c.negative_slope, c.dropout),
+                                     nn.Linear(c.hidden[0], c.n_genes))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, n_genes) -> mu, logvar: (batch, latent_dim)."""
+        h = self.encoder(x)
+        return self.mu(h), self.logvar(h).clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (batch, latent_dim) -> (batch, n_genes) z-scored reconstruction."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
+        mu, logvar = self.encode(x)
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + eps * (0.5 * logvar).exp()
+        else:
+            z = mu
+        return self.decode(z), mu, logvar
+
+    def loss(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+        """x: (batch, n_genes) -> dict(loss, mse, kl) (scalars; kl is the per-sample mean)."""
+        recon, mu, logvar = self(x, generator)
+        mse = F.mse_loss(recon, x)
+        kl = kl_divergence(mu, logvar).mean()
+        return {"loss": mse + self.config.beta * kl, "mse": mse, "kl": kl}
+
+
+@dataclass
+class VAETrainConfig:
+    """Training: Adam, linear warm-up then cosine decay, early stopping on the validation loss.
+
+    ``val_fraction``/``test_fraction``: stratified split (by ``label_key``) of the samples (paper:
+    60/20/20); ``patience``: epochs without validation improvement before stopping (the best
+    weights are restored).
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_epochs: int = 5
+    patience: int = 20
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    label_key: Optional[str] = "cancer_type"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2 (BatchNorm needs 2 samples)")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"need 0 < val_fraction, 0 <= test_fraction, sum < 1; got {self.val_fraction}, {self.test_fraction}")
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.patience < 1:
+            raise ValueError("lr must be > 0, warmup_epochs >= 0, patience >= 1")
+
+
+@dataclass
+class VAEHistory:
+    """Per-epoch train/val losses, the best epoch, and the split (sample indices)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+    split: dict = field(default_factory=dict)
+    test_loss: Optional[float] = None
+
+
+def stratified_split(n: int, labels: Optional[Sequence], val: float, test: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices of a (stratified when ``labels`` is given) train/val/test split of ``n`` samples."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    strat = np.asarray(labels) if labels is not None else None
+
+    def split(ix, frac, s):
+        if frac <= 0:
+            return ix, ix[:0]
+        try:
+            return train_test_split(ix, test_size=frac, random_state=seed, stratify=s)
+        except ValueError:  # too few samples of a class to stratify: fall back to a random split
+            return train_test_split(ix, test_size=frac, random_state=seed)
+
+    rest, te = split(idx, test, strat)
+    tr, va = split(rest, val / (1 - test), strat[rest] if strat is not None else None)
+    return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
+
+
+def _check_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_genes), got shape {X.shape}")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} NaN/inf value(s) in {len(rows)} sample(s) "
+                         f"(first rows: {rows[:5].tolist()}); impute or drop them first")
+    return X
+
+
+def _dense(X) -> np.ndarray:
+    return X.toarray() if hasattr(X, "toarray") else np.asarray(X)
+
+
+class RNAEncoder:
+    """A trained RNA beta-VAE with its gene list and z-score statistics.
+
+    Attributes: ``module`` (:class:`RNAVAE`), ``genes`` (list of gene names, the input order),
+    ``mean``/``std`` (n_genes,) float32 z-score statistics of the training split.
+    """
+
+    def __init__(self, module: RNAVAE, genes: Sequence[str], mean: np.ndarray, std: np.ndarray) -> None:
+        self.module = module
+        self.genes = [str(g) for g in genes]
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        if len(self.genes) != module.config.n_genes or self.mean.shape != (len(self.genes),) or self.std.shape != self.mean.shape:
+            raise ValueError("genes, mean and std must all have n_genes entries")
+
+    @property
+    def latent_dim(self) -> int:
+        return self.module.config.latent_dim
+
+    # ------------------------------------------------------------------ data
+
+    def matrix(self, data, genes: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Expression in the model's gene order: AnnData (var_names) or an array with ``genes``.
+
+        Raises ValueError for NaN/inf, genes the model does not know, or model genes missing.
+        """
+        if hasattr(data, "var_names"):
+            genes, X = list(map(str, data.var_names)), _dense(data.X)
+        else:
+            X = np.asarray(data)
+            if genes is None:
+                if X.ndim != 2 or X.shape[1] != len(self.genes):
+                    raise ValueError(f"an array input must be (n_samples, {len(self.genes)}) in the model's gene "
+                                     f"order, got shape {X.shape}; or pass genes=")
+                return _check_matrix(X)
+        genes = [str(g) for g in genes]
+        X = _check_matrix(X)
+        if X.shape[1] != len(genes):
+            raise ValueError(f"got {X.shape[1]} columns but {len(genes)} gene names")
+        known = set(self.genes)
+        unknown = [g for g in genes if g not in known]
+        if unknown:
+            raise ValueError(f"{len(unknown)} gene(s) unknown to this model (first: {unknown[:5]}); "
+                             f"subset the data to the model's {len(self.genes)} genes")
+        pos = {g: i for i, g in enumerate(genes)}
+        missing = [g for g in self.genes if g not in pos]
+        if missing:
+            raise ValueError(f"{len(missing)} of the model's genes are missing from the data (first: {missing[:5]})")
+        return X[:, [pos[g] for g in self.genes]]
+
+    def zscore(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.std
+
+    # ------------------------------------------------------------------ API
+
+    @torch.no_grad()
+    def encode(self, data, genes: Optional[Sequence[str]] = None, batch_size: int = 512) -> np.ndarray:
+        """Latent means (n_samples, latent_dim) of AnnData / an expression matrix (log scale)."""
+        X = torch.from_numpy(self.zscore(self.matrix(data, genes)))
+        self.module.eval()
+        return torch.cat([self.module.encode(X[i:i + batch_size])[0] for i in range(0, len(X), batch_size)]
+                         or [torch.zeros(0, self.latent_dim)]).numpy()
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Latents (n, latent_dim) -> expression (n, n_genes) in the input (log) scale."""
+        z = torch.as_tensor(np.asarray(z, np.float32))
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must be (n, {self.latent_dim}), got {tuple(z.shape)}")
+        self.module.eval()
+        return self.module.decode(z).numpy() * self.std + self.mean
+
+    def export_latents(self, adata, key: str = "X_rnavae") -> np.ndarray:
+        """Write the latent means to ``adata.obsm[key]`` and return them."""
+        z = self.encode(adata)
+        adata.obsm[key] = z
+        return z
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def fit(cls, adata, config: Optional[RNAVAEConfig] = None, train: Optional[VAETrainConfig] = None,
+            log=None, **config_kw) -> tuple["RNAEncoder", VAEHistory]:
+        """Train on AnnData (X = log expression, one row per sample).
+
+        The z-score statistics come from the training split only. Returns the encoder with the
+        best-validation weights and the :class:`VAEHistory`.
+        """
+        tc = train or VAETrainConfig()
+        X = _check_matrix(_dense(adata.X))
+        cfg = config or RNAVAEConfig(n_genes=X.shape[1], **config_kw)
+        if cfg.n_genes != X.shape[1]:
+            raise ValueError(f"config.n_genes={cfg.n_genes} but the data has {X.shape[1]} genes")
+        labels = None
+        if tc.label_key is not None:
+            if tc.label_key not in adata.obs:
+                raise KeyError(f"label_key {tc.label_key!r} is not an obs column (have: {list(adata.obs.columns)})")
+            labels = adata.obs[tc.label_key].astype(str).to_numpy()
+        split = stratified_split(len(X), labels, tc.val_fraction, tc.test_fraction, tc.seed)
+        if len(split["train"]) < 2 or len(split["val"]) < 1:
+            raise ValueError(f"too few samples ({len(X)}) for a train/val split")
+        mean = X[split["train"]].mean(0)
+        std = X[split["train"]].std(0)
+        std = np.where(std < 1e-6, 1.0, std).astype(np.float32)  # constant genes: leave them at 0
+        torch.manual_seed(tc.seed)
+        enc = cls(RNAVAE(cfg), list(map(str, adata.var_names)), mean, std)
+        Z = torch.from_numpy(enc.zscore(X).astype(np.float32))
+        xtr, xva = Z[split["train"]], Z[split["val"]]
+        model = enc.module
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        steps_per_epoch = max(1, math.ceil(len(xtr) / tc.batch_size))
+        total, warm = tc.epochs * steps_per_epoch, tc.warmup_epochs * steps_per_epoch
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            p = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        g = torch.Generator().manual_seed(tc.seed)
+        hist = VAEHistory(split={k: v.tolist() for k, v in split.items()})
+        best, best_state, bad = float("inf"), None, 0
+        for epoch in range(tc.epochs):
+            model.train()
+            perm = torch.randperm(len(xtr), generator=g)
+            tot, n = 0.0, 0
+            for i in range(0, len(xtr), tc.batch_size):
+                idx = perm[i:i + tc.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on one sample
+                    continue
+                out = model.loss(xtr[idx], g)
+                opt.zero_grad()
+                out["loss"].backward()
+                opt.step()
+                sched.step()
+                tot += float(out["loss"].detach()) * len(idx)
+                n += len(idx)
+            val = enc._eval_loss(xva)
+            hist.train_loss.append(tot / max(n, 1))
+            hist.val_loss.append(val)
+            hist.lr.append(opt.param_groups[0]["lr"])
+            if log:
+                log(f"epoch {epoch + 1}/{tc.epochs} train {hist.train_loss[-1]:.4f} val {val:.4f}")
+            if val < best - 1e-6:
+                best, best_state, bad, hist.best_epoch = val, copy.deepcopy(model.state_dict()), 0, epoch
+            else:
+                bad += 1
+                if bad >= tc.patience:
+                    hist.stopped_early = True
+                    break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        if len(split["test"]):
+            hist.test_loss = enc._eval_loss(Z[split["test"]])
+        model.eval()
+        return enc, hist
+
+    @torch.no_grad()
+    def _eval_loss(self, x: torch.Tensor) -> float:
+        self.module.eval()
+        recon, mu, logvar = self.module(x)
+        return float(F.mse_loss(recon, x) + self.module.config.beta * kl_divergence(mu, logvar).mean())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: weights + z-score stats as tensors, config + genes as metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tensors["zscore.mean"] = torch.from_numpy(self.mean)
+        tensors["zscore.std"] = torch.from_numpy(self.std)
+        meta = {"kind": "biogen.rna_vae", "config": json.dumps(asdict(self.module.config)), "genes": json.dumps(self.genes)}
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RNAEncoder":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RNA VAE checkpoint {path} does not exist")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("kind") != "biogen.rna_vae":
+                raise ValueError(f"{path} is not an RNA VAE checkpoint (kind={meta.get('kind')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        module = RNAVAE(RNAVAEConfig(**json.loads(meta["config"])))
+        module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        module.eval()
+        return cls(module, json.loads(meta["genes"]), tensors["zscore.mean"].numpy(), tensors["zscore.std"].numpy())
+
+
+def plot_latents(z: np.ndarray, labels: Sequence, path: str | Path, method: str = "umap", seed: int = 0,
+                 title: str = "RNA beta-VAE latents") -> Path:
+    """Scatter of latents (n, d) reduced to 2-D by UMAP (umap-learn) or PCA, coloured by ``labels``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(z, np.float64)
+    if method == "umap":
+        import umap  # umap-learn, a scanpy dependency
+
+        xy = umap.UMAP(n_neighbors=min(15, len(z) - 1), random_state=seed).fit_transform(z)
+    elif method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(2, random_state=seed).fit_transform(z)
+    else:
+        raise ValueError(f"method must be 'umap' or 'pca', got {method!r}")
+    labels = np.asarray(labels).astype(str)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for lab in np.unique(labels):
+        m = labels == lab
+        ax.scatter(xy[m, 0], xy[m, 1], s=10, label=lab)
+    ax.set_xlabel(f"{method.upper()} 1")
+    ax.set_ylabel(f"{method.upper()} 2")
+    ax.set_title(title)
+    ax.legend(markerscale=2, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
