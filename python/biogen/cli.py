@@ -15,11 +15,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.selfcheck",
     "biogen.sc.cli",
     "biogen.models.tumorsynth_cli",
-SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.tabular.cli",
     "biogen.models.pumamednet_cli",
     "biogen.models.rna_cdm_cli",
-)
 )
 
 
