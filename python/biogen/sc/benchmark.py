@@ -542,6 +542,8 @@ def run_benchmark(adata, config: BenchmarkConfig, out_dir: Optional[str | Path] 
         opts = dict(config.model_options.get(name, {}))
         if name in ("logreg", "knn"):
             opts.setdefault("n_top_genes", config.n_top_genes)
+        else:
+            opts.setdefault("progress", progress)
         opts.setdefault("seed", config.seed)
         model = ANNOTATORS[name](**opts)
         with PeakMemory() as mem_fit:
