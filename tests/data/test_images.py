@@ -44,7 +44,7 @@ def test_read_folder_errors(tmp_path):
 
 
 def test_dicom_is_read(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -4,7 +4,6 @@ import scipy.linalg
 import torch
 
 from biogen.metrics import (
-    DomainCNN,
     DomainFeatures,
     InceptionFeatures,
     evaluate_images,

@@ -40,3 +40,30 @@ def assert_close_2x(out, out_lowp_ref, out_truth, atol=1e-5):
     err = max_err(out, out_truth)
     ref_err = max_err(out_lowp_ref, out_truth)
     assert err <= 2 * ref_err + atol, f"kernel error {err:.3e} > 2 x reference error {ref_err:.3e} + {atol}"
+
+
+CPU_CAPS = ["base", "avx2", "avx512"]
+
+
+def run_with_cpu_capability(op: "_runtime.KernelOp", cap: str, body: str) -> None:
+    """Run ``body`` (Python source) in a subprocess whose C++ kernels are forced to the ``cap``
+    build (BIOGEN_CPU_CAPABILITY), so every per-ISA build is tested on one machine. Skips when the
+    op has no C++ kernel, ``cap`` was not compiled, or this CPU lacks it; fails with the child's
+    stderr if ``body`` raises."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in op.reasons:
+        pytest.skip("C++ kernel not built")
+    info = _runtime.build_info()
+    if cap not in info["cpu_capabilities_compiled"].split(","):
+        pytest.skip(f"{cap} not compiled on this platform")
+    if CPU_CAPS.index(cap) > CPU_CAPS.index(info["cpu_capability_hardware"]):
+        pytest.skip(f"this CPU lacks {cap}")
+    code = (f"import sys; sys.path[:0] = {sys.path!r}\n"
+            "import torch\nfrom biogen.ops import build_info\n"
+            f"assert build_info()['cpu_capability'] == {cap!r}\n" + body)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, BIOGEN_CPU_CAPABILITY=cap),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from biogen.ops import BackendUnavailableError, group_norm_silu
 from biogen.ops.group_norm import OP, _bwd_op, _fwd_op
 from biogen.ops.reference import group_norm_silu_ref
 
-from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require
+from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require, run_with_cpu_capability
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -270,21 +267,9 @@ def test_bad_input_names_the_argument(mutate, match):
 @pytest.mark.parametrize("cap", ["base", "avx2", "avx512"])
 def test_every_compiled_simd_level_matches_truth(cap):
     """Each per-ISA build of the CPU kernel, forced with BIOGEN_CPU_CAPABILITY in a subprocess."""
-    if "cpu" not in OP.reasons:
-        pytest.skip("C++ kernel not built")
-    from biogen.ops import build_info
-
-    info = build_info()
-    if cap not in info["cpu_capabilities_compiled"].split(","):
-        pytest.skip(f"{cap} not compiled on this platform")
-    order = ["base", "avx2", "avx512"]
-    if order.index(cap) > order.index(info["cpu_capability_hardware"]):
-        pytest.skip(f"this CPU lacks {cap}")
-    code = (
-        "import torch, sys; sys.path[:0] = %r\n"
+    run_with_cpu_capability(OP, cap, (
         "from tests.ops.test_group_norm import make_inputs, truth\n"
-        "from biogen.ops import group_norm_silu, build_info\n"
-        "assert build_info()['cpu_capability'] == %r\n"
+        "from biogen.ops import group_norm_silu\n"
         "for layout in ('nchw', 'channels_last'):\n"
         "  for dt in (torch.float32, torch.bfloat16):\n"
         "    x, w, b, sc, sh = make_inputs(2, 40, (9, 9), layout=layout, dtype=dt)\n"
@@ -297,7 +282,4 @@ def test_every_compiled_simd_level_matches_truth(cap):
         "    err = (y.double()-ref).abs().max().item(); assert err < tol, err\n"
         "    for a, r in zip(grads, rg):\n"
         "      e = (a.double()-r).abs().max().item(); assert e < tol * (1 + r.abs().max().item()) * 5, e\n"
-    ) % (sys.path, cap)
-    env = dict(os.environ, BIOGEN_CPU_CAPABILITY=cap)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ))

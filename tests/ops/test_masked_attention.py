@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from biogen.ops import BackendUnavailableError, masked_gene_attention, use_backe
 from biogen.ops.masked_attention import OP, _fwd_op, _bwd_op
 from biogen.ops.reference import masked_gene_attention_ref
 
-from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require
+from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require, run_with_cpu_capability
 
 
 def make_inputs(B, H, L, D, *, dtype=torch.float32, device="cpu", pad_frac=0.3, known_frac=0.6, seed=0):
@@ -265,28 +261,13 @@ def test_bad_input_names_the_argument(mutate, match):
 @pytest.mark.parametrize("cap", ["base", "avx2", "avx512"])
 def test_every_compiled_simd_level_matches_reference(cap):
     """Each per-ISA build of the CPU kernel, forced with BIOGEN_CPU_CAPABILITY in a subprocess."""
-    if "cpu" not in OP.reasons:
-        pytest.skip("C++ kernel not built")
-    from biogen.ops import build_info
-
-    info = build_info()
-    if cap not in info["cpu_capabilities_compiled"].split(","):
-        pytest.skip(f"{cap} not compiled on this platform")
-    order = ["base", "avx2", "avx512"]
-    if order.index(cap) > order.index(info["cpu_capability_hardware"]):
-        pytest.skip(f"this CPU lacks {cap}")
-    code = (
-        "import torch, sys; sys.path[:0] = %r\n"
+    run_with_cpu_capability(OP, cap, (
         "from tests.ops.test_masked_attention import make_inputs, truth\n"
-        "from biogen.ops import masked_gene_attention, build_info\n"
-        "assert build_info()['cpu_capability'] == %r\n"
+        "from biogen.ops import masked_gene_attention\n"
         "q,k,v,pad,known = make_inputs(2,2,150,40)\n"
         "args = [t.requires_grad_(True) for t in (q,k,v)]\n"
         "out = masked_gene_attention(*args, key_padding_mask=pad, known=known, backend='cpu')\n"
         "ref,_ = truth(q,k,v,pad,known)\n"
         "err = (out.double()-ref).abs().max().item(); assert err < 2e-5, err\n"
         "out.sum().backward(); assert all(torch.isfinite(a.grad).all() for a in args)\n"
-    ) % (sys.path, cap)
-    env = dict(os.environ, BIOGEN_CPU_CAPABILITY=cap)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ))

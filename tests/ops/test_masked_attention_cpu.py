@@ -4,9 +4,6 @@ backward, thread-count independence and every SIMD build's backward."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from biogen.ops import masked_gene_attention
 from biogen.ops.masked_attention import OP, _fwd_op
 from biogen.ops.reference import masked_gene_attention_ref
 
-from .helpers import assert_close_2x, max_err
+from .helpers import assert_close_2x, max_err, run_with_cpu_capability
 from .test_masked_attention import make_inputs, truth
 
 pytestmark = pytest.mark.skipif("cpu" not in OP.reasons, reason="biogen._C built without the CPU kernel")
@@ -119,25 +116,12 @@ def test_result_does_not_depend_on_thread_count():
 @pytest.mark.parametrize("cap", ["base", "avx2", "avx512"])
 def test_every_compiled_simd_level_backward_matches_reference(cap):
     """Each per-ISA build's backward (different register blocking per ISA), forced in a subprocess."""
-    from biogen.ops import build_info
-
-    info = build_info()
-    if cap not in info["cpu_capabilities_compiled"].split(","):
-        pytest.skip(f"{cap} not compiled on this platform")
-    order = ["base", "avx2", "avx512"]
-    if order.index(cap) > order.index(info["cpu_capability_hardware"]):
-        pytest.skip(f"this CPU lacks {cap}")
-    code = (
-        "import torch, sys; sys.path[:0] = %r\n"
-        "from biogen.ops import build_info\n"
+    run_with_cpu_capability(OP, cap, (
+        ""
         "from tests.ops.test_masked_attention_cpu import make_inputs, grads, ref_grads, max_err\n"
-        "assert build_info()['cpu_capability'] == %r\n"
         "q,k,v,pad,known = make_inputs(1,2,150,40, pad_frac=0.2, known_frac=0.7)\n"
         "gout = torch.randn(q.shape)\n"
         "for name, g, r in zip(['out','dq','dk','dv'], grads(q,k,v,pad,known,gout,'cpu'),\n"
         "                      ref_grads(q,k,v,pad,known,gout)):\n"
         "    err = max_err(g, r); assert err < 5e-5, (name, err)\n"
-    ) % (sys.path, cap)
-    env = dict(os.environ, BIOGEN_CPU_CAPABILITY=cap)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ))

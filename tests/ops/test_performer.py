@@ -4,9 +4,6 @@ against an independent per-token loop and performer-pytorch, random features and
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from biogen.ops import BackendUnavailableError, gaussian_orthogonal_random_matri
 from biogen.ops.performer import OP, _bwd_op, _fwd_op
 from biogen.ops.reference import performer_attention_ref
 
-from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require
+from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require, run_with_cpu_capability
 
 KERNELS = ["softmax", "relu"]
 
@@ -387,31 +384,16 @@ def test_auto_prefers_cpu_kernel_on_cpu():
 
 @pytest.mark.parametrize("cap", ["base", "avx2", "avx512"])
 def test_every_compiled_simd_level_matches_reference(cap):
-    if "cpu" not in OP.reasons:
-        pytest.skip("C++ kernel not built")
-    from biogen.ops import build_info
-
-    info = build_info()
-    if cap not in info["cpu_capabilities_compiled"].split(","):
-        pytest.skip(f"{cap} not compiled on this platform")
-    order = ["base", "avx2", "avx512"]
-    if order.index(cap) > order.index(info["cpu_capability_hardware"]):
-        pytest.skip(f"this CPU lacks {cap}")
-    code = (
-        "import torch, sys; sys.path[:0] = %r\n"
+    run_with_cpu_capability(OP, cap, (
         "from tests.ops.test_performer import make_inputs, truth\n"
-        "from biogen.ops import performer_attention, build_info\n"
-        "assert build_info()['cpu_capability'] == %r\n"
+        "from biogen.ops import performer_attention\n"
         "q,k,v,w,pad = make_inputs(2,2,70,40,45)\n"
         "for causal in (False, True):\n"
         "    args = [t.clone().requires_grad_(True) for t in (q,k,v)]\n"
         "    out = performer_attention(*args, w, key_padding_mask=pad, causal=causal, backend='cpu')\n"
         "    err = (out.double()-truth(q,k,v,w,pad,causal,'softmax')).abs().max().item(); assert err < 5e-5, err\n"
         "    out.sum().backward(); assert all(torch.isfinite(a.grad).all() for a in args)\n"
-    ) % (sys.path, cap)
-    env = dict(os.environ, BIOGEN_CPU_CAPABILITY=cap)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    ))
 
 
 # ------------------------------------------------------------------ random features

@@ -6,7 +6,6 @@ textbook DDPM / DDIM / DPM-Solver++(2M) updates to check the coefficient mapping
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

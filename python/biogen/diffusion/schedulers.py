@@ -18,7 +18,7 @@ With the forward process ``x_t = alpha_t x0 + sigma_t eps`` (``alpha_t = sqrt(al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import numpy as np

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import warnings
-from typing import Optional
 
 import torch
 

@@ -9,8 +9,7 @@ v0.2.4) so that its checkpoints load name for name: ``encoder.embedding`` / ``en
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch

@@ -24,7 +24,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..utils import atomic_path, write_json
 

@@ -164,7 +164,6 @@ def synthetic_h5ad(path, n_cells: int, n_genes: int, *, n_types: int = 5, n_batc
     (categorical ``cell_type``, ``batch``, ``donor``; index ``cell_<i>``), ``var`` (``GENE<i>`` index,
     ``marker_of``) and ``uns["synthetic"]`` (the parameters).
     """
-    import anndata as ad  # noqa: PLC0415
     import h5py  # noqa: PLC0415
     from anndata.io import sparse_dataset, write_elem  # noqa: PLC0415
 
