@@ -68,6 +68,25 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak RSS
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_rss_peak():
+    """Reset the kernel's resident high-water mark (Linux: writing 5 to clear_refs sets VmHWM to the
+    current RSS) and return the current RSS in MB, so each variant's peak is its own; None elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return None
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -90,6 +109,7 @@ def test_scgpt_throughput(benchmark, preset, impl, phase):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     peak_before = _peak_mb()
+    rss_mark = _reset_rss_peak() if DEVICE.type == "cpu" else None
 
     def train_step():
         with ctx():
@@ -119,9 +139,15 @@ def test_scgpt_throughput(benchmark, preset, impl, phase):
                 mean_len=float((~batch["padding_mask"]).sum(1).float().mean()),
                 cells_per_s=BATCH / mean, peak_mem_mb=_peak_mb(),
                 peak_mem_kind="cuda max_memory_allocated" if DEVICE.type == "cuda" else "process peak RSS")
-    if DEVICE.type == "cpu":
-        # RSS high-water marks only rise within a process: the increase is what this test added
-        # (0 when an earlier test already reached more); run one impl per process (-k) for exact peaks.
+    if rss_mark is not None:
+        # this variant's peak above what was resident before its step ran (model and batch
+        # included). malloc keeps memory freed by earlier tests and reuses it without growing RSS,
+        # so exact per-variant peaks need one variant per process: -k "small-biogen-train" etc.
+        info["peak_mem_kind"] = "peak RSS increase during this variant (VmHWM after clear_refs)"
+        info["peak_rss_increase_mb"] = _status_mb("VmHWM") - rss_mark
+    elif DEVICE.type == "cpu":
+        # ru_maxrss only rises within a process: 0 when an earlier test already reached more;
+        # run one impl per process (-k) for exact peaks.
         info["peak_rss_increase_mb"] = _peak_mb() - peak_before
     if key in _BASELINE and impl != "nn":
         info["speedup_vs_nn"] = _BASELINE[key] / mean
