@@ -10,6 +10,7 @@ listing why each backend was rejected; auto selection falls back silently (logge
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -53,6 +54,19 @@ def triton_interpret() -> bool:
 
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def has_triton_kernel(name: str) -> bool:
+    """Whether triton is installed and biogen ships the Triton kernel module ``biogen.ops.triton.<name>``."""
+    try:
+        return _triton_installed() and importlib.util.find_spec(f"biogen.ops.triton.{name}") is not None
+    except (ImportError, ValueError):  # pragma: no cover - broken installs
+        return False
+
+
+def triton_kernel(name: str):
+    """``biogen.ops.triton.<name>``, imported on first use (importing triton costs about a second)."""
+    return importlib.import_module(f"biogen.ops.triton.{name}")
 
 
 def backend_reasons(backend: str, device: torch.device) -> list[str]:

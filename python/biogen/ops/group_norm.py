@@ -14,7 +14,16 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, cuda_stream, num_threads
+from ._runtime import (
+    DTYPE_CODES,
+    KernelOp,
+    _C,
+    check_tensor,
+    cuda_stream,
+    has_triton_kernel,
+    num_threads,
+    triton_kernel,
+)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 ACTS = {"none": 0, "silu": 1}
@@ -33,21 +42,8 @@ if _C is not None and hasattr(_C, "group_norm_fwd_cuda"):
     OP.reasons["cuda"] = _reasons_dtype
 
 
-def _triton():
-    from .triton import group_norm as tri  # imported lazily: importing triton costs ~1 s
-
-    return tri
-
-
-try:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
-        "biogen.ops.triton.group_norm"
-    ) is not None:
-        OP.reasons["triton"] = _reasons_dtype
-except (ImportError, ValueError):  # pragma: no cover
-    pass
+if has_triton_kernel("group_norm"):
+    OP.reasons["triton"] = _reasons_dtype
 
 
 # ----------------------------------------------------------------------------- memory layout
@@ -158,7 +154,7 @@ def _run_fwd(backend, x, weight, bias, scale, shift, G, eps, act):
     if backend == "torch":
         return reference.group_norm_silu_ref(x, G, weight, bias, scale, shift, eps, act)
     if backend == "triton":
-        return _triton().forward(x, weight, bias, scale, shift, G, eps, act)
+        return triton_kernel("group_norm").forward(x, weight, bias, scale, shift, G, eps, act)
     return _fwd_native(x, weight, bias, scale, shift, G, eps, act, backend)
 
 
@@ -166,7 +162,7 @@ def _run_bwd(backend, grad_y, x, weight, bias, scale, shift, mean, rstd, G, act)
     if backend == "torch":
         return reference.group_norm_silu_bwd_ref(grad_y, x, G, weight, bias, scale, shift, mean, rstd, act)
     if backend == "triton":
-        return _triton().backward(grad_y, x, weight, bias, scale, shift, mean, rstd, G, act)
+        return triton_kernel("group_norm").backward(grad_y, x, weight, bias, scale, shift, mean, rstd, G, act)
     return _bwd_native(grad_y, x, weight, bias, scale, shift, mean, rstd, G, act, backend)
 
 

@@ -13,7 +13,16 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, cuda_stream, num_threads
+from ._runtime import (
+    DTYPE_CODES,
+    KernelOp,
+    _C,
+    check_tensor,
+    cuda_stream,
+    has_triton_kernel,
+    num_threads,
+    triton_kernel,
+)
 
 MAX_HEAD_DIM = 128
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,21 +46,8 @@ if _C is not None and hasattr(_C, "masked_attention_fwd_cuda"):
     OP.reasons["cuda"] = _reasons_dtype_dim
 
 
-def _triton():
-    from .triton import masked_attention as tri  # imported lazily: importing triton costs ~1 s
-
-    return tri
-
-
-try:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
-        "biogen.ops.triton.masked_attention"
-    ) is not None:
-        OP.reasons["triton"] = _reasons_dtype_dim
-except (ImportError, ValueError):  # pragma: no cover
-    pass
+if has_triton_kernel("masked_attention"):
+    OP.reasons["triton"] = _reasons_dtype_dim
 
 
 # ----------------------------------------------------------------------------- per-backend kernels
@@ -125,7 +121,7 @@ def _run_fwd(backend, q, k, v, kpm, known, scale):
     if backend == "torch":
         return _fwd_torch(q, k, v, kpm, known, scale)
     if backend == "triton":
-        return _triton().forward(q, k, v, kpm, known, scale)
+        return triton_kernel("masked_attention").forward(q, k, v, kpm, known, scale)
     return _fwd_native(q, k, v, kpm, known, scale, backend)
 
 
@@ -133,7 +129,7 @@ def _run_bwd(backend, grad_out, q, k, v, out, lse, kpm, known, scale):
     if backend == "torch":
         return _bwd_torch(grad_out, q, k, v, out, lse, kpm, known, scale)
     if backend == "triton":
-        return _triton().backward(grad_out, q, k, v, out, lse, kpm, known, scale)
+        return triton_kernel("masked_attention").backward(grad_out, q, k, v, out, lse, kpm, known, scale)
     return _bwd_native(grad_out, q, k, v, out, lse, kpm, known, scale, backend)
 
 

@@ -23,7 +23,16 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, cuda_stream, num_threads
+from ._runtime import (
+    DTYPE_CODES,
+    KernelOp,
+    _C,
+    check_tensor,
+    cuda_stream,
+    has_triton_kernel,
+    num_threads,
+    triton_kernel,
+)
 
 MAX_HEAD_DIM = 128
 KERNELS = ("softmax", "relu")
@@ -96,21 +105,8 @@ def gaussian_orthogonal_random_matrix(
 # ----------------------------------------------------------------------------- per-backend kernels
 
 
-def _triton():
-    from .triton import performer as tri  # imported lazily: importing triton costs ~1 s
-
-    return tri
-
-
-try:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
-        "biogen.ops.triton.performer"
-    ) is not None:
-        OP.reasons["triton"] = _reasons_non_causal
-except (ImportError, ValueError):  # pragma: no cover
-    pass
+if has_triton_kernel("performer"):
+    OP.reasons["triton"] = _reasons_non_causal
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -190,7 +186,7 @@ def _run_fwd(backend, q, k, v, projection, kpm, causal, relu, eps):
     if backend == "torch":
         return reference.performer_attention_ref(q, k, v, projection, kpm, causal, "relu" if relu else "softmax", eps)
     if backend == "triton":
-        return _triton().forward(q, k, v, projection, kpm, causal, relu, eps)
+        return triton_kernel("performer").forward(q, k, v, projection, kpm, causal, relu, eps)
     return _fwd_native(q, k, v, projection, kpm, causal, relu, eps)
 
 
@@ -199,7 +195,7 @@ def _run_bwd(backend, grad_out, q, k, v, projection, out, kpm, causal, relu, eps
         return reference.performer_attention_bwd_ref(grad_out, q, k, v, projection, kpm, causal,
                                                      "relu" if relu else "softmax", eps)
     if backend == "triton":
-        return _triton().backward(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
+        return triton_kernel("performer").backward(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
     return _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
 
 

@@ -22,7 +22,16 @@ from typing import Optional, Union
 import torch
 
 from . import reference
-from ._runtime import DTYPE_CODES, KernelOp, _C, check_tensor, cuda_stream, num_threads
+from ._runtime import (
+    DTYPE_CODES,
+    KernelOp,
+    _C,
+    check_tensor,
+    cuda_stream,
+    has_triton_kernel,
+    num_threads,
+    triton_kernel,
+)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -41,21 +50,8 @@ if _C is not None and hasattr(_C, "sampler_step_cuda"):
     OP.reasons["cuda"] = _reasons_dtype
 
 
-def _triton():
-    from .triton import sampler as tri  # imported lazily: importing triton costs ~1 s
-
-    return tri
-
-
-try:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec(
-        "biogen.ops.triton.sampler"
-    ) is not None:
-        OP.reasons["triton"] = _reasons_dtype
-except (ImportError, ValueError):  # pragma: no cover
-    pass
+if has_triton_kernel("sampler"):
+    OP.reasons["triton"] = _reasons_dtype
 
 
 # ----------------------------------------------------------------------------- per-backend kernels
@@ -136,7 +132,7 @@ def _fwd_op(
         prev, x0 = reference.sampler_step_ref(*args)
         return prev.contiguous(), x0.contiguous()
     if backend == "triton":
-        return _triton().sampler_step(*args)
+        return triton_kernel("sampler").sampler_step(*args)
     return _native(backend, *args)
 
 
