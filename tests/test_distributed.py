@@ -43,6 +43,36 @@ def test_split_batch_partitions_the_global_batch():
         bdist.split_batch(10, rank_=0, world=4)
 
 
+@pytest.mark.parametrize("n,batch,world", [(10, 4, 2), (23, 8, 3), (9, 4, 2), (7, 7, 1)])
+def test_rank_batches_split_each_global_batch(monkeypatch, n, batch, world):
+    order = np.random.default_rng(0).permutation(n)
+    per_rank = []
+    for r in range(world):
+        monkeypatch.setattr(bdist, "rank", lambda r=r: r)
+        monkeypatch.setattr(bdist, "world_size", lambda: world)
+        per_rank.append(list(bdist.rank_batches(order, batch)))
+    assert len({len(p) for p in per_rank}) == 1  # lockstep: every rank takes the same number of steps
+    for step, parts in enumerate(zip(*per_rank)):
+        glob = order[step * batch:(step + 1) * batch]
+        np.testing.assert_array_equal(np.concatenate([idx for idx, _ in parts]), glob)
+        # scaled per-rank means, averaged as DDP does, give the global-batch mean
+        vals = np.arange(n, dtype=np.float64) ** 2
+        ddp = np.mean([vals[idx].mean() * scale for idx, scale in parts])
+        assert ddp == pytest.approx(vals[glob].mean())
+    seen = sum(len(glob) for glob in (np.concatenate([i for i, _ in parts]) for parts in zip(*per_rank)))
+    assert seen == n - (n % batch if 0 < n % batch < world else 0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        next(bdist.rank_batches(order, 0))
+
+
+def test_wrap_loss_calls_through_in_one_process():
+    m = torch.nn.Linear(3, 1)
+    f = bdist.wrap_loss(m, lambda mod, x: mod(x).sum())
+    x = torch.ones(2, 3)
+    assert torch.equal(f(x), m(x).sum())
+    assert bdist.all_reduce_sum(np.array([1.0, 2.0])).tolist() == [1.0, 2.0]
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_shard_indices_is_a_deterministic_partition(drop_last):
     n, w = 23, 4

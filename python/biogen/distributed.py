@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["launched_by_torchrun", "env_rank", "init", "is_initialized", "rank", "local_rank", "world_size",
-           "is_main", "device", "barrier", "wrap_ddp", "unwrap", "all_reduce_mean", "broadcast_object",
-           "split_batch", "shard_indices", "main_only", "destroy"]
+           "is_main", "device", "barrier", "wrap_ddp", "wrap_loss", "unwrap", "all_reduce_mean", "all_reduce_sum",
+           "broadcast_object", "split_batch", "rank_batches", "shard_indices", "main_only", "destroy"]
 
 T = TypeVar("T")
 
@@ -156,17 +156,37 @@ def wrap_ddp(module: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return DDP(module, **kwargs)
 
 
+class _LossCall(torch.nn.Module):
+    """A module whose forward is ``fn(inner, *args, **kwargs)``: DDP hooks ``forward`` only."""
+
+    def __init__(self, inner: torch.nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.inner, *args, **kwargs)
+
+
+def wrap_loss(module: torch.nn.Module, fn: Callable[..., Any], **kwargs) -> Callable[..., Any]:
+    """A callable computing ``fn(module, *args, **kwargs)`` with gradients synchronised across ranks.
+
+    Models often train through a method (``module.loss(batch)``) rather than ``forward``; DDP only
+    synchronises what runs inside the wrapped module's ``forward``, so this puts ``fn`` there. In a
+    single process it is ``functools.partial(fn, module)``. ``kwargs`` go to DDP; parameters that a
+    step may leave unused (heads of other objectives) need ``find_unused_parameters=True``.
+    """
+    if not is_initialized() or world_size() == 1:
+        return functools.partial(fn, module)
+    return wrap_ddp(_LossCall(module, fn), **kwargs)
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (state dicts saved from it carry no ``module.`` prefix)."""
     return module.module if hasattr(module, "module") and hasattr(module, "require_backward_grad_sync") else module
 
 
-def all_reduce_mean(x):
-    """Mean over ranks of a tensor, a float or a numpy array (the value itself in one process).
-
-    Returns the same kind as given; tensors are reduced out of place on their own device (under NCCL
-    a CPU tensor is moved to the GPU for the collective and back).
-    """
+def _all_reduce(x, mean: bool):
     if not is_initialized() or world_size() == 1:
         return x
     if isinstance(x, torch.Tensor):
@@ -175,13 +195,26 @@ def all_reduce_mean(x):
         if dist.get_backend() == "nccl" and not t.is_cuda:
             back, t = t.device, t.to(device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world_size()
+        if mean:
+            t /= world_size()
         return t if back is None else t.to(back)
-    arr = np.asarray(x, dtype=np.float64)
-    out = all_reduce_mean(torch.from_numpy(arr.copy())).numpy()
-    if isinstance(x, np.ndarray):
-        return out
-    return float(out)
+    out = _all_reduce(torch.from_numpy(np.array(x, dtype=np.float64)), mean).numpy()
+    return out if isinstance(x, np.ndarray) else float(out)
+
+
+def all_reduce_mean(x):
+    """Mean over ranks of a tensor, a float or a numpy array (the value itself in one process).
+
+    Returns the same kind as given; tensors are reduced out of place on their own device (under NCCL
+    a CPU tensor is moved to the GPU for the collective and back).
+    """
+    return _all_reduce(x, mean=True)
+
+
+def all_reduce_sum(x):
+    """Sum over ranks, like :func:`all_reduce_mean`: for sums and counts divided only after the
+    reduction (exact global means over shards of unequal size)."""
+    return _all_reduce(x, mean=False)
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
@@ -206,6 +239,29 @@ def split_batch(global_batch: int, *, rank_: Optional[int] = None, world: Option
                          f"each rank trains on batch_size / world_size items")
     per = global_batch // w
     return slice(r * per, (r + 1) * per)
+
+
+def rank_batches(order, batch_size: int, *, min_per_rank: int = 1):
+    """Yield ``(indices, loss_scale)``: this rank's share of each global batch of ``order``.
+
+    Every rank must pass the same ``order`` (draw it from a generator seeded identically on all
+    ranks). Consecutive global batches of ``batch_size`` items are split as evenly as possible across
+    ranks, so N processes see exactly the batches one process would. ``loss_scale`` =
+    ``n_local * world / n_global`` makes DDP's average of per-rank mean losses equal the mean over the
+    global batch even when the last batch splits unevenly (1.0 in one process). A final global batch
+    too small to give every rank ``min_per_rank`` items is dropped on every rank (ranks must stay in
+    lockstep; BatchNorm needs 2 items per rank).
+    """
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    w, r = world_size(), rank()
+    order = np.asarray(order)
+    for s in range(0, len(order), batch_size):
+        b = order[s:s + batch_size]
+        if len(b) < w * min_per_rank:
+            break
+        part = np.array_split(b, w)[r]
+        yield part, len(part) * w / len(b)
 
 
 def shard_indices(n: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
