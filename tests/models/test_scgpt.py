@@ -106,6 +106,18 @@ def test_resume_continues_from_saved_step(data, tmp_path):
     assert h[-1]["val_loss"] == pytest.approx(h_full[-1]["val_loss"], rel=1e-5)
 
 
+def test_resume_refuses_a_checkpoint_of_another_configuration(data, tmp_path):
+    a = _small(data, 24)
+    ScGPT(a, label_key="cell_type", **TINY, device="cpu").fit(
+        epochs=1, batch_size=8, validation_fraction=0, checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    other = ScGPT(a, label_key="cell_type", config="tiny", max_seq_len=48, nlayers=3, device="cpu")
+    with pytest.raises(ValueError, match=r"trained with another model configuration .*nlayers: 2 vs 3"):
+        other.fit(epochs=2, batch_size=8, validation_fraction=0, checkpoint_dir=str(tmp_path / "ck"), resume=True,
+                  progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
+        other.fit(batch_size=0)
+
+
 def test_early_stopping_restores_best_epoch(data):
     a = _small(data, 48)
     m = ScGPT(a, label_key="cell_type", **TINY, device="cpu")
@@ -117,10 +129,13 @@ def test_early_stopping_restores_best_epoch(data):
     assert len(hist) == best + 2 < 8  # stopped one epoch after the last improvement
     assert vals[-1] > vals[best]  # so the final weights are not the best ones: restoring matters
     # The restored weights reproduce the best validation loss.
+    from biogen.models._sc_trainer import validation_split
+    from biogen.sc.data import collate
+
     ds = m._dataset(a, mask_ratio=0.0, labels=True, seed=0)
-    _, va = m._split(len(ds), ds.labels, 0.25, 0)
-    from torch.utils.data import Subset
-    got = m._evaluate(Subset(ds, va.tolist()), "classify", 16, None, False)["val_loss"]
+    _, va = validation_split(len(ds), ds.labels, 0.25, 0)
+    with torch.no_grad():
+        got = float(m.module.loss(m._to_device(collate([ds[int(i)] for i in va])), "classify")["loss"])
     assert got == pytest.approx(vals[best], rel=1e-5)
 
 

@@ -36,7 +36,10 @@ import torch
 from .scbert_checkpoint import load_scbert_checkpoint, map_scbert_keys
 from .scbert_module import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
 from ..utils import write_json as _write_json
-from .scgpt import _atomic_write, _categories, _check_adata, _load_weights, _obs_column, _save_weights, _to_py
+from ._sc_trainer import check_train_args, fit_loop
+from ._sc_trainer import load_weights as _load_weights
+from ._sc_trainer import save_weights as _save_weights
+from .scgpt import _categories, _check_adata, _obs_column, _to_py
 
 __all__ = [
     "MASK_TOKEN", "N_BINS", "ScBERT", "ScBERTConfig", "ScBERTModel", "ScBERTOutput", "ScBERTTokens",
@@ -278,35 +281,11 @@ class ScBERT:
                            class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
                            progress=progress, mixed_precision=mixed_precision, seed=seed)
 
-    def _autocast(self, enabled: bool):
-        import contextlib
-
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
-
-    def _split(self, n, labels, fraction, seed):
-        idx = np.arange(n)
-        if fraction == 0:
-            return idx, np.array([], dtype=np.int64)
-        n_val = int(round(fraction * n))
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(f"validation_fraction={fraction} leaves {n - n_val} training / {n_val} validation "
-                             f"cells of {n}; use 0 to disable validation")
-        from sklearn.model_selection import train_test_split
-
-        strat = None
-        if labels is not None:
-            _, counts = np.unique(labels, return_counts=True)
-            if counts.min() >= 2 and n_val >= len(counts):
-                strat = labels
-        tr, va = train_test_split(idx, test_size=n_val, random_state=seed, stratify=strat)
-        return np.sort(tr), np.sort(va)
-
-    def _loss(self, objective, tokens, labels, weights, gen):
+    @staticmethod
+    def _loss(module, objective, tokens, labels, weights, gen):
         if objective == "mlm":
-            return self.module.mlm_loss(tokens, generator=gen)
-        logits = self.module(tokens).logits
+            return module.mlm_loss(tokens, generator=gen)
+        logits = module(tokens).logits
         ok = labels >= 0
         if not bool(ok.any()):
             return logits.sum() * 0.0
@@ -314,143 +293,34 @@ class ScBERT:
 
     def _train(self, objective, *, epochs, batch_size, lr, validation_fraction, early_stopping_patience,
                class_weights, checkpoint_dir, resume, progress, mixed_precision, seed):
-        from tqdm.auto import tqdm
-
-        for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not 0 <= validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-        if early_stopping_patience is not None and (early_stopping_patience < 1 or validation_fraction == 0):
-            raise ValueError("early_stopping_patience needs validation_fraction > 0 and a value >= 1")
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
+        check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass adata= to ScBERT.load to train it")
-
         toks = self._tokens(self.adata)
         labels = self._labels(self.adata) if objective == "classify" else None
-        tr_idx, va_idx = self._split(len(toks), labels, validation_fraction, seed)
-        weights = None
-        if objective == "classify":
-            self.module.freeze_for_finetuning(self.config.trainable_layers)
-            if class_weights:
-                lab = labels[tr_idx]
-                counts = np.bincount(lab[lab >= 0], minlength=len(self.label_categories)).astype(np.float64)
-                w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
-                weights = torch.tensor(w, dtype=torch.float32, device=self.device)
-        else:
-            self.module.freeze_for_finetuning(None)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
-        state = {"objective": objective, "epoch": 0, "step": 0, "best_val": None, "bad_epochs": 0, "history": []}
-        if checkpoint_dir is not None:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            if resume:
-                state = self._load_checkpoint(checkpoint_dir, opt, objective)
-            elif os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
-                raise FileExistsError(f"{checkpoint_dir} already holds a training checkpoint; pass resume=True "
-                                      "to continue it or choose another checkpoint_dir")
-        best_weights = None
-        if early_stopping_patience is not None and checkpoint_dir is not None and resume:
-            best_path = os.path.join(checkpoint_dir, "best.safetensors")
-            if os.path.exists(best_path):
-                best_weights = _load_weights(best_path)
-
+        # frozen before DDP wraps the module: DDP synchronises the parameters that train
+        self.module.freeze_for_finetuning(self.config.trainable_layers if objective == "classify" else None)
         lab_t = None if labels is None else torch.from_numpy(labels)
-        steps_per_epoch = -(-len(tr_idx) // batch_size)
-        bar = tqdm(total=max(0, epochs - state["epoch"]) * steps_per_epoch, disable=not progress,
-                   desc=f"scBERT {objective}", unit="batch")
-        cuda_devs = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devs):
-            for epoch in range(state["epoch"], epochs):
-                if early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
-                    break
-                epoch_seed = seed * 100_003 + epoch
-                torch.manual_seed(epoch_seed)  # dropout and projection redraws depend on (seed, epoch) only
-                gen = torch.Generator().manual_seed(epoch_seed + 1)
-                order = tr_idx[torch.randperm(len(tr_idx), generator=gen).numpy()]
-                self.module.train()
-                total, count = 0.0, 0
-                for s in range(0, len(order), batch_size):
-                    rows = order[s:s + batch_size]
-                    tokens = toks.dense(rows).to(self.device)
-                    lab = None if lab_t is None else lab_t[rows].to(self.device)
-                    with self._autocast(mixed_precision):
-                        loss = self._loss(objective, tokens, lab, weights, gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    total += float(loss.detach()) * len(rows)
-                    count += len(rows)
-                    state["step"] += 1
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4f}")
-                rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": total / max(count, 1)}
-                if len(va_idx):
-                    rec.update(self._evaluate(toks, lab_t, va_idx, objective, batch_size, weights, mixed_precision,
-                                              seed))
-                    if state["best_val"] is None or rec["val_loss"] < state["best_val"]:
-                        state["best_val"], state["bad_epochs"] = rec["val_loss"], 0
-                        if early_stopping_patience is not None:
-                            best_weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-                            if checkpoint_dir is not None:
-                                _save_weights(os.path.join(checkpoint_dir, "best.safetensors"), self.module)
-                    else:
-                        state["bad_epochs"] += 1
-                state["epoch"] = epoch + 1
-                state["history"].append(rec)
-                if checkpoint_dir is not None:
-                    self._save_checkpoint(checkpoint_dir, opt, state)
-        bar.close()
-        if best_weights is not None:
-            self.module.load_state_dict(best_weights)
-        self.module.eval()
-        self.history = list(state["history"])
-        return self.history
 
-    @torch.no_grad()
-    def _evaluate(self, toks, lab_t, idx, objective, batch_size, weights, mixed_precision, seed) -> dict:
-        self.module.eval()
-        gen = torch.Generator().manual_seed(seed)  # the same validation masks every epoch
-        total, count, correct, n_lab = 0.0, 0, 0, 0
-        for s in range(0, len(idx), batch_size):
-            rows = idx[s:s + batch_size]
-            tokens = toks.dense(rows).to(self.device)
-            lab = None if lab_t is None else lab_t[rows].to(self.device)
-            with self._autocast(mixed_precision):
-                total += float(self._loss(objective, tokens, lab, weights, gen)) * len(rows)
-                if objective == "classify":
-                    ok = lab >= 0
-                    correct += int((self.module(tokens).logits.argmax(1) == lab)[ok].sum())
-                    n_lab += int(ok.sum())
-            count += len(rows)
-        out = {"val_loss": total / max(count, 1)}
-        if objective == "classify":
-            out["val_accuracy"] = correct / max(n_lab, 1)
-        return out
+        def get_batch(rows, gen):
+            batch = {"tokens": toks.dense(rows).to(self.device)}
+            if lab_t is not None:
+                batch["labels"] = lab_t[rows].to(self.device)
+            return batch
 
-    def _save_checkpoint(self, folder, opt, state) -> None:
-        _save_weights(os.path.join(folder, "model.safetensors"), self.module)
-        _atomic_write(os.path.join(folder, "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
-        self._write_meta(folder)
-        _write_json(os.path.join(folder, "trainer_state.json"), state)  # last: marks a complete checkpoint
+        def loss_fn(module, batch, weights, gen):
+            return self._loss(module, objective, batch["tokens"], batch.get("labels"), weights, gen)
 
-    def _load_checkpoint(self, folder, opt, objective) -> dict:
-        path = os.path.join(folder, "trainer_state.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"resume=True but {folder} holds no trainer_state.json")
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("objective") != objective:
-            raise ValueError(f"checkpoint in {folder} is from objective {state.get('objective')!r}, not {objective!r}")
-        self.module.load_state_dict(_load_weights(os.path.join(folder, "model.safetensors")))
-        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
-                                       weights_only=True))
-        return state
+        def n_correct(module, batch):
+            ok = batch["labels"] >= 0
+            return int((module(batch["tokens"]).logits.argmax(1) == batch["labels"])[ok].sum()), int(ok.sum())
+
+        return fit_loop(self, objective, n_cells=len(toks), labels=labels,
+                        params=[p for p in self.module.parameters() if p.requires_grad], get_batch=get_batch,
+                        loss_fn=loss_fn, n_correct=n_correct, epochs=epochs, batch_size=batch_size, lr=lr,
+                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                        class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
+                        progress=progress, mixed_precision=mixed_precision, seed=seed, desc=f"scBERT {objective}")
 
     # ------------------------------------------------------------------ inference
 

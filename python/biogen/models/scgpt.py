@@ -20,7 +20,6 @@ Example
 
 from __future__ import annotations
 
-import contextlib
 import copy as _copy
 import json
 import os
@@ -30,9 +29,12 @@ from typing import Optional, Union
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from ..utils import atomic_path, write_json
+from ..utils import write_json
+from ._sc_trainer import check_train_args  # the training loop is shared with ScBERT
+from ._sc_trainer import load_weights as _load_weights
+from ._sc_trainer import save_weights as _save_weights
 from .scgpt_checkpoint import load_scgpt_checkpoint, map_reference_keys
 from .scgpt_module import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
 
@@ -46,25 +48,6 @@ _PRETRAIN_MODES = ("mlm", "generative", "both")
 
 
 # ---------------------------------------------------------------------------- file helpers
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place."""
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-
-
-def _save_weights(path: str, module: torch.nn.Module) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp))
-
-
-def _load_weights(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path)
 
 
 # ---------------------------------------------------------------------------- data checks
@@ -187,12 +170,6 @@ class ScGPT:
                 batch[k] = torch.cat([batch[k], torch.full((B, 1), fill, dtype=batch[k].dtype)], 1)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _autocast(self, enabled: bool):
-        if not enabled:
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     # ------------------------------------------------------------------ training
 
     def pretrain(self, epochs: int = 1, mode: str = "mlm", batch_size: int = 32, lr: float = 1e-4,
@@ -253,172 +230,36 @@ class ScGPT:
                            class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
                            progress=progress, mixed_precision=mixed_precision, seed=seed)
 
-    def _split(self, n: int, labels: Optional[np.ndarray], fraction: float, seed: int):
-        idx = np.arange(n)
-        if fraction == 0:
-            return idx, np.array([], dtype=np.int64)
-        n_val = int(round(fraction * n))
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(f"validation_fraction={fraction} leaves {n - n_val} training / {n_val} validation "
-                             f"cells of {n}; use 0 to disable validation")
-        from sklearn.model_selection import train_test_split
-
-        strat = None
-        if labels is not None:
-            _, counts = np.unique(labels, return_counts=True)
-            if counts.min() >= 2 and n_val >= len(counts):
-                strat = labels
-        tr, va = train_test_split(idx, test_size=n_val, random_state=seed, stratify=strat)
-        return np.sort(tr), np.sort(va)
-
     def _train(self, objective, mask_ratio, *, epochs, batch_size, lr, validation_fraction, early_stopping_patience,
                class_weights, checkpoint_dir, resume, progress, mixed_precision, seed):
-        from tqdm.auto import tqdm
-
         from biogen.sc.data import collate
+
+        from ._sc_trainer import fit_loop
 
         if self.adata is None:
             raise ValueError("this ScGPT has no training AnnData (it was loaded); construct ScGPT(adata, ...) to train")
-        for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not 0 <= validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-        if early_stopping_patience is not None and (early_stopping_patience < 1 or validation_fraction == 0):
-            raise ValueError("early_stopping_patience needs validation_fraction > 0 and a value >= 1")
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-
+        check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
         ds = self._dataset(self.adata, mask_ratio=mask_ratio, labels=objective == "classify", seed=seed)
-        labels = ds.labels if objective == "classify" else None
-        tr_idx, va_idx = self._split(len(ds), labels, validation_fraction, seed)
-        weights = None
-        if objective == "classify":
-            if class_weights:
-                lab = labels[tr_idx]
-                lab = lab[lab >= 0]
-                counts = np.bincount(lab, minlength=len(self.label_categories)).astype(np.float64)
-                w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
-                weights = torch.tensor(w, dtype=torch.float32, device=self.device)
-        opt = torch.optim.Adam(self.module.parameters(), lr=lr)
-        scaler = torch.amp.GradScaler("cuda") if (mixed_precision and self.device.type == "cuda") else None
-        state = {"objective": objective, "epoch": 0, "step": 0, "best_val": None, "bad_epochs": 0, "history": []}
-        if checkpoint_dir is not None:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            if resume:
-                state = self._load_checkpoint(checkpoint_dir, opt, objective)
-            elif os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
-                raise FileExistsError(f"{checkpoint_dir} already holds a training checkpoint; pass resume=True "
-                                      "to continue it or choose another checkpoint_dir")
-        best_weights = None
-        if early_stopping_patience is not None and checkpoint_dir is not None and resume:
-            best_path = os.path.join(checkpoint_dir, "best.safetensors")
-            if os.path.exists(best_path):
-                best_weights = _load_weights(best_path)
 
-        g_split = torch.Generator()
-        steps_per_epoch = -(-len(tr_idx) // batch_size)
-        bar = tqdm(total=max(0, epochs - state["epoch"]) * steps_per_epoch, disable=not progress,
-                   desc=f"scGPT {objective}", unit="batch")
-        cuda_devs = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devs):
-            for epoch in range(state["epoch"], epochs):
-                if early_stopping_patience is not None and state["bad_epochs"] >= early_stopping_patience:
-                    break
-                torch.manual_seed(seed * 100_003 + epoch)  # dropout draws depend on (seed, epoch) only
-                ds.set_epoch(epoch)
-                g_split.manual_seed(seed * 100_003 + epoch)
-                loader = DataLoader(Subset(ds, tr_idx.tolist()), batch_size=batch_size, shuffle=True,
-                                    generator=g_split, collate_fn=collate)
-                self.module.train()
-                total, count = 0.0, 0
-                for batch in loader:
-                    batch = self._to_device(batch)
-                    with self._autocast(mixed_precision):
-                        loss = self.module.loss(batch, objective, class_weights=weights)["loss"]
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
-                        opt.step()
-                    n = batch["gene_ids"].shape[0]
-                    total += float(loss.detach()) * n
-                    count += n
-                    state["step"] += 1
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4f}")
-                rec = {"epoch": epoch + 1, "step": state["step"], "train_loss": total / max(count, 1)}
-                if len(va_idx):
-                    rec.update(self._evaluate(Subset(ds, va_idx.tolist()), objective, batch_size, weights,
-                                              mixed_precision))
-                    if state["best_val"] is None or rec["val_loss"] < state["best_val"]:
-                        state["best_val"], state["bad_epochs"] = rec["val_loss"], 0
-                        if early_stopping_patience is not None:
-                            best_weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-                            if checkpoint_dir is not None:
-                                _save_weights(os.path.join(checkpoint_dir, "best.safetensors"), self.module)
-                    else:
-                        state["bad_epochs"] += 1
-                state["epoch"] = epoch + 1
-                state["history"].append(rec)
-                if checkpoint_dir is not None:
-                    self._save_checkpoint(checkpoint_dir, opt, state)
-        bar.close()
-        if best_weights is not None:
-            self.module.load_state_dict(best_weights)
-        self.module.eval()
-        self.history = list(state["history"])
-        return self.history
+        def get_batch(rows, gen):
+            return self._to_device(collate([ds[int(i)] for i in rows]))
 
-    @torch.no_grad()
-    def _evaluate(self, ds, objective, batch_size, weights, mixed_precision) -> dict:
-        from biogen.sc.data import collate
+        def loss_fn(module, batch, weights, gen):
+            return module.loss(batch, objective, class_weights=weights)["loss"]
 
-        self.module.eval()
-        total, count, correct, n_lab = 0.0, 0, 0, 0
-        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate):
-            batch = self._to_device(batch)
-            with self._autocast(mixed_precision):
-                total += float(self.module.loss(batch, objective, class_weights=weights)["loss"]) * len(batch["gene_ids"])
-                if objective == "classify":
-                    logits = self.module(batch["gene_ids"], batch["values"], batch["padding_mask"],
-                                         batch_ids=batch.get("batch_ids"), heads=("cls",)).logits
-                    ok = batch["labels"] >= 0
-                    correct += int((logits.argmax(1) == batch["labels"])[ok].sum())
-                    n_lab += int(ok.sum())
-            count += len(batch["gene_ids"])
-        out = {"val_loss": total / max(count, 1)}
-        if objective == "classify":
-            out["val_accuracy"] = correct / max(n_lab, 1)
-        return out
+        def n_correct(module, batch):
+            logits = module(batch["gene_ids"], batch["values"], batch["padding_mask"],
+                            batch_ids=batch.get("batch_ids"), heads=("cls",)).logits
+            ok = batch["labels"] >= 0
+            return int((logits.argmax(1) == batch["labels"])[ok].sum()), int(ok.sum())
 
-    def _save_checkpoint(self, folder, opt, state) -> None:
-        _save_weights(os.path.join(folder, "model.safetensors"), self.module)
-        _atomic_write(os.path.join(folder, "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
-        self._write_meta(folder)
-        # the trainer state goes last: its presence marks a complete checkpoint
-        write_json(os.path.join(folder, "trainer_state.json"), state)
-
-    def _load_checkpoint(self, folder, opt, objective) -> dict:
-        path = os.path.join(folder, "trainer_state.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"resume=True but {folder} holds no trainer_state.json")
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("objective") != objective:
-            raise ValueError(f"checkpoint in {folder} is from objective {state.get('objective')!r}, not {objective!r}")
-        self.module.load_state_dict(_load_weights(os.path.join(folder, "model.safetensors")))
-        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device,
-                                       weights_only=True))
-        return state
+        return fit_loop(self, objective, n_cells=len(ds), labels=ds.labels if objective == "classify" else None,
+                        params=self.module.parameters(), get_batch=get_batch, loss_fn=loss_fn,
+                        n_correct=n_correct, epochs=epochs, batch_size=batch_size, lr=lr,
+                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                        class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
+                        progress=progress, mixed_precision=mixed_precision, seed=seed, desc=f"scGPT {objective}",
+                        on_epoch=ds.set_epoch)  # masks depend on (seed, epoch, cell) only: any world size
 
     # ------------------------------------------------------------------ inference
 

@@ -1,0 +1,113 @@
+"""ScGPT and ScBERT training under a real 2-process Gloo torchrun: the same parameters and metrics as
+one process on the same global batches, rank 0 alone writes, checkpoints resume in one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_distributed import _free_port
+
+PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+
+# 20 cells: 4 for validation (2 per rank), 16 for training = 2 global batches of 8 per epoch.
+SCRIPT = textwrap.dedent('''
+    import sys, torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial weights in every run (DDP also broadcasts rank 0's)
+    from biogen.sc.datasets import synthetic
+    from biogen.models.scgpt import ScGPT
+    from biogen.models.scbert import ScBERT
+
+    kind, out, epochs, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+    a = synthetic(n_cells=20, n_genes=30, n_types=2, n_batches=1, n_donors=1, seed=3, n_markers=5,
+                  marker_fold=20.0, mean_library=400.0)
+    if kind == "scgpt":
+        m = ScGPT(a, label_key="cell_type", config="tiny", max_seq_len=32, dropout=0.0, device="cpu")
+    else:
+        m = ScBERT(a, label_key="cell_type", config="tiny", device="cpu")
+    m.fit(epochs=epochs, batch_size=8, lr=1e-3, validation_fraction=0.2, checkpoint_dir=out, resume=resume,
+          progress=False)
+    print("history", m.history)
+''')
+
+
+def _run(tmp: Path, nproc: int, kind: str, out: Path, epochs: int, resume: bool = False):
+    script = tmp / "train_sc.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(PYTHON_DIR) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = [str(script), kind, str(out), str(epochs), "resume" if resume else "new"]
+    if nproc > 1:
+        for _ in range(2):  # the free port may be taken between probing and binding: one retry
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc_per_node={nproc}",
+                   "--master_addr", "127.0.0.1", f"--master_port={_free_port()}", *args]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                break
+            shutil.rmtree(out, ignore_errors=True)
+    else:
+        r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _assert_same_weights(w1: dict, w2: dict, kind: str, atol: float) -> None:
+    """Equal within ``atol``, except for a handful of elements: a key projection's bias has no gradient
+    in exact arithmetic (softmax is shift-invariant), so Adam turns the rounding noise of a different
+    summation order into steps of +-lr. Unsynchronised half-batch gradients would instead move most
+    weights differently by about lr = 1e-3."""
+    assert w1.keys() == w2.keys()
+    bad = {k: int(((w2[k] - v).abs() > atol).sum()) for k, v in w1.items()}
+    total = sum(v.numel() for v in w1.values())
+    assert sum(bad.values()) <= 0.002 * total, (kind, {k: n for k, n in bad.items() if n})
+    for k, v in w1.items():
+        assert float((w2[k] - v).abs().max()) < 3e-3, k  # at most a few Adam steps of lr = 1e-3
+
+
+def _state(out: Path) -> tuple[dict, dict]:
+    return (load_file(str(out / "model.safetensors")),
+            json.loads((out / "trainer_state.json").read_text()))
+
+
+@pytest.fixture(scope="module", params=["scgpt", "scbert"])
+def runs(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"ddp_{kind}")
+    two = _run(root, 2, kind, root / "two", epochs=1)
+    _run(root, 1, kind, root / "one", epochs=1)
+    return kind, root, two
+
+
+def test_two_processes_match_one_process(runs):
+    kind, root, two = runs
+    (w1, s1), (w2, s2) = _state(root / "one"), _state(root / "two")
+    assert s1["step"] == s2["step"] == 2  # two global batches of 8: the ranks took 4 cells each
+    assert s2["world_size"] == 2
+    _assert_same_weights(w1, w2, kind, atol=2e-5)
+    h1, h2 = s1["history"][0], s2["history"][0]
+    for key in ("train_loss", "val_loss", "val_accuracy"):  # sums reduced over ranks = global values
+        assert h2[key] == pytest.approx(h1[key], rel=1e-4, abs=1e-6), key
+    assert two.stdout.count("history") == 2  # both ranks finished with the same (reduced) history
+    assert len({line for line in two.stdout.splitlines() if line.startswith("history")}) == 1
+    # only rank 0 wrote: no temporary files of a second writer left behind
+    assert not [p for p in os.listdir(root / "two") if p.endswith(".tmp")]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    kind, root, _ = runs
+    for name in ("one", "two"):
+        shutil.copytree(root / name, tmp_path / name)
+        _run(tmp_path, 1, kind, tmp_path / name, epochs=2, resume=True)
+    (w1, s1), (w2, s2) = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert s1["step"] == s2["step"] == 4 and [h["epoch"] for h in s2["history"]] == [1, 2]
+    _assert_same_weights(w1, w2, kind, atol=5e-5)
