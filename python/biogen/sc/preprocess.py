@@ -17,6 +17,8 @@ import scipy.sparse as sp
 
 __all__ = ["check_counts", "preprocess"]
 
+_BACKED_ROWS = 65536  # rows of a backed matrix checked at a time (bounded memory)
+
 
 def _values(m) -> np.ndarray:
     if sp.issparse(m):
@@ -45,15 +47,21 @@ def check_counts(adata_or_matrix, *, layer: str | None = None, what: str | None 
             m, what = a.layers[layer], what or f"adata.layers[{layer!r}]"
         if m is None:
             raise ValueError(f"{what} is None; pass layer= naming the counts layer")
-        if hasattr(m, "to_memory"):  # backed sparse dataset
-            m = m.to_memory()
-        elif not sp.issparse(m) and not isinstance(m, np.ndarray) and hasattr(m, "shape"):
-            m = m[()]  # backed dense h5py dataset
+        if hasattr(m, "to_memory") or (not sp.issparse(m) and not isinstance(m, np.ndarray) and hasattr(m, "shape")):
+            # backed (sparse dataset or h5py array): check row blocks, never the whole matrix in memory
+            for start in range(0, m.shape[0], _BACKED_ROWS):
+                block = m[start:start + _BACKED_ROWS]
+                block = block.to_memory() if hasattr(block, "to_memory") else block
+                _check_values(_values(block) if sp.issparse(block) else np.asarray(block).ravel(), what)
+            return
     else:
         m, what = adata_or_matrix, what or "matrix"
         if 0 in m.shape:
             raise ValueError(f"{what} is empty (shape {m.shape})")
-    v = _values(m)
+    _check_values(_values(m), what)
+
+
+def _check_values(v: np.ndarray, what: str) -> None:
     if v.dtype.kind not in "fiub":
         raise TypeError(f"{what} must hold numbers, got dtype {v.dtype}")
     if v.size == 0:
