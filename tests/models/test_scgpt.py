@@ -271,3 +271,59 @@ def test_backed_h5ad_trains_and_predicts_like_in_memory(data, tmp_path, monkeypa
     bad.write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(ValueError, match="negative values"):
         ScGPT(ad.read_h5ad(tmp_path / "bad.h5ad", backed="r"), label_key="cell_type", **TINY, device="cpu")
+
+
+def _write_shards(a, folder):
+    import scipy.sparse as sp
+
+    folder.mkdir()
+    first, second = a[:18].copy(), a[18:].copy()
+    for name, part in (("part0.h5ad", first), ("part1.h5ad", second)):
+        part.X = sp.csr_matrix(part.X)
+        part.write_h5ad(folder / name)
+
+
+def test_from_h5ad_streams_shards_like_in_memory_training(data, tmp_path):
+    a = _small(data, 30)
+    _write_shards(a, tmp_path / "shards")
+    # One global batch of every cell per epoch: the order cannot matter, and masks depend only on
+    # (seed, epoch, cell), so streaming and in-memory training must take the same steps.
+    kw = dict(epochs=2, batch_size=30, lr=1e-3, validation_fraction=0, progress=False)
+    torch.manual_seed(0)
+    stream = ScGPT.from_h5ad(tmp_path / "shards", label_key="cell_type", chunk_size=4, buffer_size=8, **TINY,
+                             device="cpu")
+    torch.manual_seed(0)
+    mem = ScGPT(a, label_key="cell_type", vocab=stream.vocab, **TINY, device="cpu")
+    assert stream.label_categories == mem.label_categories
+    h_s = stream.pretrain(mode="both", **kw)
+    h_m = mem.pretrain(mode="both", **kw)
+    assert [h["step"] for h in h_s] == [1, 2]
+    assert h_s[-1]["train_loss"] == pytest.approx(h_m[-1]["train_loss"], rel=1e-4)
+    h_s = stream.fit(checkpoint_dir=str(tmp_path / "ck"), **kw)
+    h_m = mem.fit(**kw)
+    assert h_s[-1]["train_loss"] == pytest.approx(h_m[-1]["train_loss"], rel=1e-4)
+    for k, v in mem.module.state_dict().items():
+        torch.testing.assert_close(stream.module.state_dict()[k], v, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    # the streaming checkpoint resumes
+    again = ScGPT.from_h5ad(tmp_path / "shards", label_key="cell_type", **TINY, device="cpu")
+    assert [h["epoch"] for h in again.fit(checkpoint_dir=str(tmp_path / "ck"), resume=True,
+                                          **{**kw, "epochs": 3})] == [1, 2, 3]
+
+
+def test_from_h5ad_bad_input(data, tmp_path):
+    a = _small(data, 30)
+    _write_shards(a, tmp_path / "shards")
+    m = ScGPT.from_h5ad(tmp_path / "shards", label_key="cell_type", **TINY, device="cpu")
+    with pytest.raises(ValueError, match="no validation split"):
+        m.fit(epochs=1, progress=False)
+    with pytest.raises(KeyError, match="nope"):
+        ScGPT.from_h5ad(tmp_path / "shards", label_key="nope", **TINY, device="cpu")
+    bad = a[:10].copy()
+    import scipy.sparse as sp
+
+    bad.X = sp.csr_matrix(bad.X)
+    bad.X.data[3] = np.nan
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    m = ScGPT.from_h5ad(tmp_path / "bad.h5ad", **TINY, device="cpu")
+    with pytest.raises(ValueError, match=r"bad\.h5ad \(X rows 0:10\) contains 1 NaN"):
+        m.pretrain(epochs=1, validation_fraction=0, progress=False)

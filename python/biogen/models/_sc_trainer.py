@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -144,17 +144,22 @@ def class_weight_tensor(labels: np.ndarray, n_classes: int, device) -> torch.Ten
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-def fit_loop(owner, objective: str, *, n_cells: int, labels: Optional[np.ndarray], params,
+def fit_loop(owner, objective: str, *, n_cells: Optional[int], labels: Optional[np.ndarray], params,
              get_batch: Callable, loss_fn: Callable, n_correct: Optional[Callable], epochs: int, batch_size: int,
              lr: float, validation_fraction: float, early_stopping_patience: Optional[int], class_weights: bool,
              checkpoint_dir: Optional[str], resume: bool, progress: bool, mixed_precision: bool, seed: int,
-             desc: str, on_epoch: Optional[Callable[[int], None]] = None) -> list[dict]:
+             desc: str, on_epoch: Optional[Callable[[int], None]] = None,
+             stream: Optional[Callable[[], Iterator[tuple[dict, int]]]] = None, stream_steps: int = 0) -> list[dict]:
     """Train ``owner.module`` (see the module docstring); returns and sets ``owner.history``.
 
     ``owner`` provides ``module``, ``device``, ``_meta()`` and ``_write_meta(folder)``. The shuffling,
     masks and dropout of an epoch depend only on (seed, epoch, rank), so a resumed run repeats the
     uninterrupted one. torch's global RNG state is restored afterwards. ``on_epoch(epoch)`` runs
     before each epoch (e.g. a dataset's ``set_epoch``).
+
+    Out of core: ``stream()`` yields this rank's ``(batch, n_cells)`` for one epoch (``stream_steps``
+    of them, the same count on every rank), instead of ``n_cells`` indexed through ``get_batch``;
+    there is no validation split then.
     """
     from tqdm.auto import tqdm
 
@@ -164,7 +169,11 @@ def fit_loop(owner, objective: str, *, n_cells: int, labels: Optional[np.ndarray
         owner.module.to(owner.device)
     rank, world, main = bdist.rank(), bdist.world_size(), bdist.is_main()
     module = owner.module
-    tr_idx, va_idx = validation_split(n_cells, labels, validation_fraction, seed)
+    if stream is None:
+        tr_idx, va_idx = validation_split(n_cells, labels, validation_fraction, seed)
+        steps_per_epoch = len(range(0, len(tr_idx), batch_size)) - int(0 < len(tr_idx) % batch_size < world)
+    else:
+        tr_idx, va_idx, steps_per_epoch = None, np.array([], dtype=np.int64), stream_steps
     weights = None
     if objective == "classify" and class_weights:
         weights = class_weight_tensor(labels[tr_idx], len(owner.label_categories), owner.device)
@@ -187,7 +196,6 @@ def fit_loop(owner, objective: str, *, n_cells: int, labels: Optional[np.ndarray
             os.makedirs(checkpoint_dir, exist_ok=True)
 
     step_loss = bdist.wrap_loss(module, loss_fn, find_unused_parameters=True)
-    steps_per_epoch = len(range(0, len(tr_idx), batch_size)) - int(0 < len(tr_idx) % batch_size < world)
     bar = tqdm(total=max(0, epochs - state["epoch"]) * steps_per_epoch, disable=not (progress and main),
                desc=desc, unit="batch")
     cuda_devs = [owner.device.index or 0] if owner.device.type == "cuda" else []
@@ -200,15 +208,18 @@ def fit_loop(owner, objective: str, *, n_cells: int, labels: Optional[np.ndarray
             # projection is a buffer every rank must agree on (dropout masks still differ: other cells)
             torch.manual_seed(epoch_seed)
             gen = torch.Generator().manual_seed(epoch_seed + 1)
-            order = tr_idx[torch.randperm(len(tr_idx), generator=gen).numpy()]  # the same on every rank
+            if stream is None:
+                order = tr_idx[torch.randperm(len(tr_idx), generator=gen).numpy()]  # the same on every rank
+                batches = ((get_batch(rows, gen), len(rows), scale) for rows, scale in bdist.rank_batches(order, batch_size))
             if world > 1:
                 gen.manual_seed(epoch_seed + 1 + 7919 * (rank + 1))  # masks: each rank its own draws
             if on_epoch is not None:
                 on_epoch(epoch)
+            if stream is not None:
+                batches = ((batch, n, 1.0) for batch, n in stream())
             module.train()
             total, count = 0.0, 0
-            for rows, scale in bdist.rank_batches(order, batch_size):
-                batch = get_batch(rows, gen)
+            for batch, n, scale in batches:
                 with autocast(owner.device, mixed_precision):
                     loss = step_loss(batch, weights, gen)
                 opt.zero_grad(set_to_none=True)
@@ -223,8 +234,8 @@ def fit_loop(owner, objective: str, *, n_cells: int, labels: Optional[np.ndarray
                     scaled.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
-                total += float(loss.detach()) * len(rows)
-                count += len(rows)
+                total += float(loss.detach()) * n
+                count += n
                 state["step"] += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4f}")

@@ -125,6 +125,52 @@ class ScGPT:
         self._setup(module, vocab, label_key, batch_key, layer, label_categories, batch_categories, device)
         self.adata = adata
 
+    @classmethod
+    def from_h5ad(cls, source, label_key: Optional[str] = None, batch_key: Optional[str] = None,
+                  layer: Optional[str] = None, config: Union[str, ScGPTConfig] = "small", vocab=None,
+                  device: Optional[Union[str, torch.device]] = None, chunk_size: int = 1024,
+                  buffer_size: int = 16384, **config_overrides) -> "ScGPT":
+        """A model that trains out of core on a backed ``.h5ad``, a folder of ``.h5ad`` shards or a list.
+
+        ``pretrain`` / ``fit`` then stream the cells with :class:`biogen.sc.StreamingScGPTDataset`:
+        sparse CSR counts read in chunks of ``chunk_size`` cells, shuffled in a buffer of
+        ``buffer_size`` cells, each rank of a ``torchrun`` job reading its own chunks; memory is bounded
+        by the buffer whatever the number of cells. Only ``var`` and the label / batch categories are
+        read here; the counts are checked chunk by chunk as they stream (NaN, negative or non-integer
+        values raise, naming the file and rows). There is no validation split (pass
+        ``validation_fraction=0``); evaluate with :meth:`predict` on held-out cells (a backed AnnData
+        works). Default vocabulary: the union of the shards' genes.
+        """
+        from anndata.io import read_elem
+        import h5py
+
+        from biogen.sc import GeneVocab, StreamingScGPTDataset
+        from biogen.sc.streaming import h5ad_shards
+
+        cfg = _make_config(config, config_overrides)
+        if vocab is None:
+            genes: dict = {}
+            for path in h5ad_shards(source):
+                with h5py.File(path, "r") as f:
+                    genes.update(dict.fromkeys(read_elem(f["var"]).index.astype(str)))
+            vocab = GeneVocab(list(genes))
+        elif not isinstance(vocab, GeneVocab):
+            raise TypeError(f"vocab must be a biogen.sc.GeneVocab, got {type(vocab).__name__}")
+        probe = StreamingScGPTDataset(source, vocab, layer=layer, label_key=label_key, batch_key=batch_key,
+                                      chunk_size=chunk_size, buffer_size=buffer_size, rank=0, world_size=1,
+                                      n_bins=cfg.n_bins, max_seq_len=cfg.max_seq_len)
+        labels, batches = probe.label_categories, probe.batch_categories
+        if label_key is not None and len(labels) < 2:
+            raise ValueError(f"label_key {label_key!r} has {len(labels)} class(es); a classifier needs at least 2")
+        if batch_key is not None:
+            cfg = replace(cfg, n_batches=len(batches))
+        self = cls.__new__(cls)
+        self._setup(ScGPTModel(cfg, len(vocab), vocab.pad_id, n_classes=len(labels or ())), vocab, label_key,
+                    batch_key, layer, labels, batches, device)
+        self.source = source
+        self._stream_options = {"chunk_size": chunk_size, "buffer_size": buffer_size}
+        return self
+
     def _setup(self, module, vocab, label_key, batch_key, layer, label_categories, batch_categories, device):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -135,6 +181,8 @@ class ScGPT:
         self.batch_categories = None if batch_categories is None else [_to_py(c) for c in batch_categories]
         self.history: list[dict] = []
         self.adata = None
+        self.source = None  # backed .h5ad file(s) streamed by from_h5ad models
+        self._stream_options: dict = {}
 
     @property
     def config(self) -> ScGPTConfig:
@@ -236,14 +284,29 @@ class ScGPT:
 
         from ._sc_trainer import fit_loop
 
+        check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
+        if self.source is not None:
+            return self._train_streaming(objective, mask_ratio, epochs=epochs, batch_size=batch_size, lr=lr,
+                                         validation_fraction=validation_fraction, class_weights=class_weights,
+                                         checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                                         mixed_precision=mixed_precision, seed=seed)
         if self.adata is None:
             raise ValueError("this ScGPT has no training AnnData (it was loaded); construct ScGPT(adata, ...) to train")
-        check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
         ds = self._dataset(self.adata, mask_ratio=mask_ratio, labels=objective == "classify", seed=seed)
 
         def get_batch(rows, gen):
             return self._to_device(collate([ds[int(i)] for i in rows]))
 
+        loss_fn, n_correct = self._loss_fns(objective)
+        return fit_loop(self, objective, n_cells=len(ds), labels=ds.labels if objective == "classify" else None,
+                        params=self.module.parameters(), get_batch=get_batch, loss_fn=loss_fn,
+                        n_correct=n_correct, epochs=epochs, batch_size=batch_size, lr=lr,
+                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                        class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
+                        progress=progress, mixed_precision=mixed_precision, seed=seed, desc=f"scGPT {objective}",
+                        on_epoch=ds.set_epoch)  # masks depend on (seed, epoch, cell) only: any world size
+
+    def _loss_fns(self, objective):
         def loss_fn(module, batch, weights, gen):
             return module.loss(batch, objective, class_weights=weights)["loss"]
 
@@ -253,13 +316,46 @@ class ScGPT:
             ok = batch["labels"] >= 0
             return int((logits.argmax(1) == batch["labels"])[ok].sum()), int(ok.sum())
 
-        return fit_loop(self, objective, n_cells=len(ds), labels=ds.labels if objective == "classify" else None,
-                        params=self.module.parameters(), get_batch=get_batch, loss_fn=loss_fn,
-                        n_correct=n_correct, epochs=epochs, batch_size=batch_size, lr=lr,
-                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
-                        class_weights=class_weights, checkpoint_dir=checkpoint_dir, resume=resume,
-                        progress=progress, mixed_precision=mixed_precision, seed=seed, desc=f"scGPT {objective}",
-                        on_epoch=ds.set_epoch)  # masks depend on (seed, epoch, cell) only: any world size
+        return loss_fn, n_correct
+
+    def _train_streaming(self, objective, mask_ratio, *, epochs, batch_size, lr, validation_fraction, class_weights,
+                         checkpoint_dir, resume, progress, mixed_precision, seed):
+        from biogen.sc import StreamingScGPTDataset
+        from biogen.sc.data import collate
+
+        from .. import distributed as bdist
+        from ._sc_trainer import fit_loop
+
+        if validation_fraction:
+            raise ValueError("a model streaming from .h5ad files (from_h5ad) has no validation split: pass "
+                             "validation_fraction=0 and evaluate with predict() on held-out cells")
+        if class_weights:
+            raise ValueError("class_weights needs the label counts of the training cells, which a streaming "
+                             "model does not read up front; train without class_weights")
+        bdist.init()
+        world = bdist.world_size()
+        if batch_size % world:
+            raise ValueError(f"the global batch size ({batch_size}) must be divisible by the number of processes "
+                             f"({world}) when streaming: each rank reads batch_size / world cells per step")
+        c = self.config
+        ds = StreamingScGPTDataset(
+            self.source, self.vocab, layer=self.layer, label_key=self.label_key if objective == "classify" else None,
+            batch_key=self.batch_key, n_bins=c.n_bins, max_seq_len=c.max_seq_len, mask_ratio=mask_ratio, seed=seed,
+            label_categories=self.label_categories, batch_categories=self.batch_categories, even=True,
+            **self._stream_options)
+        local = batch_size // world
+
+        def stream():
+            for batch in DataLoader(ds, batch_size=local, collate_fn=collate):
+                yield self._to_device(batch), batch["gene_ids"].shape[0]
+
+        loss_fn, n_correct = self._loss_fns(objective)
+        return fit_loop(self, objective, n_cells=None, labels=None, params=self.module.parameters(), get_batch=None,
+                        loss_fn=loss_fn, n_correct=n_correct, epochs=epochs, batch_size=batch_size, lr=lr,
+                        validation_fraction=0.0, early_stopping_patience=None, class_weights=False,
+                        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                        mixed_precision=mixed_precision, seed=seed, desc=f"scGPT {objective} (streaming)",
+                        on_epoch=ds.set_epoch, stream=stream, stream_steps=-(-len(ds) // local))
 
     # ------------------------------------------------------------------ inference
 

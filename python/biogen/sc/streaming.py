@@ -36,6 +36,7 @@ import scipy.sparse as sp
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .data import IGNORE_LABEL, ScGPTDataset
+from .preprocess import check_counts as _check_counts
 from .vocab import GeneVocab
 
 __all__ = ["StreamingScGPTDataset", "h5ad_shards"]
@@ -125,6 +126,8 @@ class StreamingScGPTDataset(IterableDataset):
     seed: seeds chunk order, buffer shuffles, binning ties, subsampling and masks.
     rank, world_size: this process's share; default from :mod:`biogen.distributed` (torchrun env).
     even: trim every rank to the same number of cells per epoch (needed for DDP training).
+    check_counts: check each chunk holds raw counts as it is read (NaN, negative or non-integer
+        values raise, naming the file and rows); False for values that are not counts.
     layer, label_key, batch_key, label_categories, batch_categories, n_bins, max_seq_len, mask_ratio,
     input_style, pad_value, mask_value, include_zero_genes, min_overlap: as :class:`ScGPTDataset`.
     Default categories: the union of the shards' categories, in order of appearance.
@@ -141,7 +144,8 @@ class StreamingScGPTDataset(IterableDataset):
                  even: bool = False, n_bins: int = 51, max_seq_len: int = 1200, mask_ratio: float | str = 0.0,
                  input_style: str = "binned", pad_value: float = -2, mask_value: float = -1,
                  include_zero_genes: bool = False, label_categories: Optional[Sequence] = None,
-                 batch_categories: Optional[Sequence] = None, min_overlap: float | int = 0.5):
+                 batch_categories: Optional[Sequence] = None, min_overlap: float | int = 0.5,
+                 check_counts: bool = True):
         import anndata as ad
         import h5py
 
@@ -151,7 +155,7 @@ class StreamingScGPTDataset(IterableDataset):
         self.paths = h5ad_shards(source)
         self.layer, self.label_key, self.batch_key = layer, label_key, batch_key
         self.chunk_size, self.buffer_size = int(chunk_size), int(buffer_size)
-        self.shuffle, self.even = bool(shuffle), bool(even)
+        self.shuffle, self.even, self.check_counts = bool(shuffle), bool(even), bool(check_counts)
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.peak_buffered = 0
@@ -268,6 +272,8 @@ class StreamingScGPTDataset(IterableDataset):
         indptr = g["indptr"][start:stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         block = sp.csr_matrix((g["data"][lo:hi], g["indices"][lo:hi], indptr - lo), shape=(stop - start, sh.n_vars))
+        if self.check_counts:
+            _check_counts(block, what=f"{sh.path} ({sh.key} rows {start}:{stop})")
         codes = {}
         for k, m in sh.code_maps.items():
             raw = f["obs"][k]["codes"][start:stop].astype(np.int64)
