@@ -77,6 +77,7 @@ def _cmd_benchmark(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .. import distributed as bdist
     from ..utils import atomic_path, prepare_output_dir, write_json
     from .benchmark import ANNOTATORS, check_label_key
     from .preprocess import check_counts
@@ -86,12 +87,17 @@ def _cmd_train(args) -> int:
     adata = _read_h5ad(args.h5ad)
     check_label_key(adata, args.label_key)
     check_counts(adata, layer=args.layer)
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    # Under torchrun the transformers train with DDP on every rank; rank 0 alone writes.
+    bdist.init()
+    out = prepare_output_dir(args.out, overwrite=args.overwrite) if bdist.is_main() else Path(args.out)
+    bdist.barrier()
     opts = {"preset": args.preset} if args.model in ("scgpt", "scbert") else {}
     if args.epochs is not None and args.model in ("scgpt", "scbert"):
         opts["epochs"] = args.epochs
     model = ANNOTATORS[args.model](**opts)
     model.fit(adata, args.label_key, layer=args.layer, batch_key=args.batch_key)
+    if not bdist.is_main():
+        return 0
     if hasattr(model, "save"):
         model.save(out / "model")
     else:  # scikit-learn baselines: a pickle, loadable only by code you trust (as any pickle)
