@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy as _copy
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional, Union
 
 import numpy as np
@@ -53,24 +53,64 @@ UNASSIGNED = "Unassigned"
 # ---------------------------------------------------------------------------- tokenisation
 
 
-@dataclass
 class ScBERTTokens:
-    """Tokens of a set of cells on a gene panel, stored sparse (most genes are token 0).
+    """Tokens of a set of cells on a gene panel (SPEC 2.1), computed block by block from the counts.
 
-    tokens : (n_cells, n_genes) CSR int8 with values 1..5 (zeros not stored); :meth:`dense`
-        appends the extra position.
+    In memory, all cells are tokenised once and kept sparse (int8 CSR, most genes are token 0). For a
+    backed AnnData nothing is kept: :meth:`dense` reads and tokenises the requested rows from the file
+    each time, so memory does not grow with the number of cells.
+
+    Attributes
+    ----------
+    tokens : (n_cells, n_genes) CSR int8 with values 1..5 (zeros not stored), or None when backed.
     mapping : :class:`biogen.sc.vocab.GeneMapping` of the query's genes onto the vocabulary.
     """
 
-    tokens: sp.csr_matrix
-    mapping: object
+    def __init__(self, matrix, mapping, n_panel: int, n_vocab: int, *, backed: bool, target_sum: float = 1e4,
+                 chunk_size: int = 4096) -> None:
+        self.mapping = mapping
+        self._matrix, self._n_panel, self._target_sum = matrix, n_panel, target_sum
+        self._cols = np.flatnonzero(mapping.known)
+        self._pos = mapping.ids[self._cols] - (n_vocab - n_panel)  # panel position of each kept query column
+        self._n = matrix.shape[0]
+        self.tokens = None
+        if not backed:
+            n = self._n
+            self.tokens = sp.vstack([self._block(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)],
+                                    format="csr").astype(np.int8)
+            self._matrix = None
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return self._n
+
+    def _tokenize(self, b: sp.csr_matrix) -> sp.csr_matrix:
+        b = b[:, self._cols].tocsr()
+        b.sort_indices()
+        data = b.data.astype(np.float64)
+        tot = np.add.reduceat(data, b.indptr[:-1]) if data.size else np.zeros(b.shape[0])
+        tot[np.diff(b.indptr) == 0] = 0.0
+        row_tot = np.repeat(tot, np.diff(b.indptr))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(row_tot > 0, data * self._target_sum / row_tot, 0.0)
+        tok = np.floor(np.minimum(np.log2(1.0 + x), N_BINS - 1)).astype(np.int8)
+        out = sp.csr_matrix((tok, self._pos[b.indices], b.indptr), shape=(b.shape[0], self._n_panel))
+        out.eliminate_zeros()
+        out.sort_indices()
+        return out
+
+    def _block(self, start: int, stop: int) -> sp.csr_matrix:
+        from biogen.sc.tokenize import _rows_csr
+
+        return self._tokenize(_rows_csr(self._matrix, start, stop))
 
     def dense(self, rows) -> torch.Tensor:
         """(len(rows), n_genes + 1) int64 tokens, last column the extra token 0."""
-        block = self.tokens[np.asarray(rows)].toarray().astype(np.int64)
+        rows = np.asarray(rows)
+        if self.tokens is not None:
+            block = self.tokens[rows]
+        else:
+            block = sp.vstack([self._block(int(r), int(r) + 1) for r in rows], format="csr")
+        block = block.toarray().astype(np.int64)
         return torch.from_numpy(np.concatenate([block, np.zeros((block.shape[0], 1), np.int64)], axis=1))
 
 
@@ -80,7 +120,8 @@ def scbert_tokens(adata, vocab, *, layer: Optional[str] = None, min_overlap: Uni
 
     Parameters
     ----------
-    adata : AnnData with counts in ``X`` or ``layers[layer]``; genes in any order, any subset.
+    adata : AnnData (in memory or backed) with counts in ``X`` or ``layers[layer]``; genes in any
+        order, any subset.
     vocab : :class:`biogen.sc.GeneVocab`; panel position i is gene ``vocab.genes[i]``.
     min_overlap : passed to :meth:`GeneVocab.map_genes` (fraction or count of the query's genes that
         must be in the panel; raises naming missing genes otherwise).
@@ -90,31 +131,11 @@ def scbert_tokens(adata, vocab, *, layer: Optional[str] = None, min_overlap: Uni
     :class:`ScBERTTokens` with (n_cells, n_genes) tokens floor(min(log2(1 + x), 5)), x the panel
     counts scaled to ``target_sum`` per cell (cells without panel counts: all 0).
     """
-    from biogen.sc.tokenize import _rows_csr, get_matrix
+    from biogen.sc.tokenize import get_matrix
 
     mapping = vocab.map_genes(adata, min_overlap=min_overlap)
-    n_panel = len(vocab.genes)
-    cols = np.flatnonzero(mapping.known)
-    pos = mapping.ids[cols] - (len(vocab) - n_panel)  # panel position of each kept query column
-    remap = np.full(adata.n_vars, -1, dtype=np.int64)
-    remap[cols] = pos
-    m = get_matrix(adata, layer)
-    blocks = []
-    for s in range(0, adata.n_obs, chunk_size):
-        b = _rows_csr(m, s, min(s + chunk_size, adata.n_obs))[:, cols].tocsr()
-        b.sort_indices()
-        data = b.data.astype(np.float64)
-        tot = np.add.reduceat(data, b.indptr[:-1]) if data.size else np.zeros(b.shape[0])
-        tot[np.diff(b.indptr) == 0] = 0.0
-        row_tot = np.repeat(tot, np.diff(b.indptr))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.where(row_tot > 0, data * target_sum / row_tot, 0.0)
-        tok = np.floor(np.minimum(np.log2(1.0 + x), N_BINS - 1)).astype(np.int8)
-        out = sp.csr_matrix((tok, remap[cols][b.indices], b.indptr), shape=(b.shape[0], n_panel))
-        out.eliminate_zeros()
-        out.sort_indices()
-        blocks.append(out)
-    return ScBERTTokens(sp.vstack(blocks, format="csr").astype(np.int8), mapping)
+    return ScBERTTokens(get_matrix(adata, layer), mapping, len(vocab.genes), len(vocab),
+                        backed=bool(getattr(adata, "isbacked", False)), target_sum=target_sum, chunk_size=chunk_size)
 
 
 def load_gene_vectors(path: str) -> tuple[list[str], np.ndarray]:
