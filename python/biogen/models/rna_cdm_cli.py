@@ -254,13 +254,28 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
 # ------------------------------------------------------------------------------------ commands
 
 
+def _output_dir(args) -> Path:
+    """Check (every rank) and create the output folder; no rank writes into it before all have checked.
+
+    Under torchrun every process trains and only rank 0 writes (see :mod:`biogen.distributed`).
+    """
+    from .. import distributed as bdist
+    from ..utils import prepare_output_dir
+
+    bdist.init()
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    bdist.barrier()
+    return out
+
+
 def _cmd_train_vae(args) -> int:
     import anndata as ad
 
-    from ..utils import prepare_output_dir, write_json
+    from .. import distributed as bdist
+    from ..utils import write_json
     from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    out = _output_dir(args)
     adata = ad.read_h5ad(args.rna)
     label = None if args.label_key == "none" else args.label_key
     enc, hist = RNAEncoder.fit(
@@ -270,6 +285,8 @@ def _cmd_train_vae(args) -> int:
                        patience=args.patience, label_key=label, seed=args.seed),
         log=print if args.verbose else None,
     )
+    if not bdist.is_main():
+        return 0
     enc.save(out / "vae.safetensors")
     enc.export_latents(adata, args.obsm_key)
     from ..utils import atomic_path
@@ -285,17 +302,21 @@ def _cmd_train_vae(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    import torch
+
+    from .. import distributed as bdist
     from ..data.paired import load_paired
-    from ..utils import prepare_output_dir, write_json
+    from ..utils import write_json
     from .rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
     from .rna_vae import RNAEncoder
 
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    out = _output_dir(args)
     enc = RNAEncoder.load(args.vae)
     paired = load_paired(args.rna, args.tiles, sample_key=args.sample_key, allow_unmatched=args.allow_unmatched)
     if args.resume:
         model = RNACDM.load(args.resume, preset=args.preset)
     else:
+        torch.manual_seed(args.seed)  # the same initial weights in every process (and every run)
         model = RNACDM(cascade_preset(args.preset, enc.latent_dim))
     if model.config.latent_dim != enc.latent_dim:
         raise ValueError(f"the cascade expects latents of {model.config.latent_dim} but the VAE makes {enc.latent_dim}")
@@ -305,9 +326,11 @@ def _cmd_train(args) -> int:
                                             ema_decay=args.ema, seed=args.seed,
                                             max_seconds=args.minutes * 60 if args.minutes else None),
                          stages=tuple(args.stages), log=lambda msg: print(msg, flush=True))
-    model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
-    write_json(out / "history.json", _js(hist))
-    print(f"wrote {out}/cascade.safetensors")
+    if bdist.is_main():
+        model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
+        write_json(out / "history.json", _js({**hist, "world_size": bdist.world_size()}))
+        print(f"wrote {out}/cascade.safetensors")
+    bdist.barrier()  # the checkpoint is complete before any process returns
     return 0
 
 
