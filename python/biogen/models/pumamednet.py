@@ -550,9 +550,9 @@ def fit_vae(model: PumaMedNet, images: torch.Tensor, *, epochs: Optional[int] = 
     cfg = model.cfg
     bdist.init()
     world = bdist.world_size()
-    if cfg.batch_size < world:
+    if cfg.batch_size < world or images.shape[0] < world:
         raise ValueError(f"batch_size ({cfg.batch_size}) is the global batch and must be >= the number of "
-                         f"processes ({world})")
+                         f"processes ({world}), and so must the number of images ({images.shape[0]})")
     gen = gen or torch.Generator().manual_seed(cfg.seed)
     params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     opt = torch.optim.Adam(params, lr=cfg.lr)
