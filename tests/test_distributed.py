@@ -3,9 +3,7 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from biogen import distributed as bdist
 from biogen.cli import main as cli_main
 
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+from .dist_helpers import torchrun
 
 
 # ------------------------------------------------------------------------------ single process
@@ -97,12 +95,6 @@ def test_shard_indices_is_a_deterministic_partition(drop_last):
 # ------------------------------------------------------------------------------ 2 Gloo processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # 10 phantoms: 2 held out for KID, 8 train = one global batch of 8 -> exactly one step per epoch.
 # Dropout 0: dropout masks are drawn per rank and cannot match a single process's.
 TRAIN_ARGS = ["tumorsynth", "train", "--phantoms", "10", "--image-size", "16", "--batch-size", "8",
@@ -110,13 +102,7 @@ TRAIN_ARGS = ["tumorsynth", "train", "--phantoms", "10", "--image-size", "16", "
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PYTHON_DIR) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc_per_node={nproc}",
-           "--master_addr", "127.0.0.1", f"--master_port={_free_port()}", "-m", "biogen.cli", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return torchrun(nproc, args)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

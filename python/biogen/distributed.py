@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 __all__ = ["launched_by_torchrun", "env_rank", "init", "is_initialized", "rank", "local_rank", "world_size",
            "is_main", "device", "barrier", "wrap_ddp", "wrap_loss", "unwrap", "all_reduce_mean", "all_reduce_sum",
-           "broadcast_object", "split_batch", "rank_batches", "shard_indices", "main_only", "destroy"]
+           "broadcast_object", "broadcast_buffers", "split_batch", "rank_share", "rank_batches", "shard_indices", "main_only", "destroy"]
 
 T = TypeVar("T")
 
@@ -262,6 +262,41 @@ def rank_batches(order, batch_size: int, *, min_per_rank: int = 1):
             break
         part = np.array_split(b, w)[r]
         yield part, len(part) * w / len(b)
+
+
+def rank_share(n_global: int, *, min_per_rank: int = 1) -> tuple[slice, float]:
+    """This rank's contiguous part of one global batch of ``n_global`` items, and its loss scale.
+
+    The same split as :func:`rank_batches` (``np.array_split`` order) for trainers that draw their
+    global batch themselves (random indices per step) or draw per-sample noise for the whole global
+    batch and keep their part of it. ``loss_scale`` = ``n_local * world / n_global`` (1.0 in one
+    process). Raises a ValueError when the batch cannot give every rank ``min_per_rank`` items.
+    """
+    w, r = world_size(), rank()
+    if n_global < w * min_per_rank:
+        raise ValueError(f"the global batch ({n_global} items) is smaller than {min_per_rank} per process times the "
+                         f"world size ({w}): use a larger batch size or fewer processes")
+    per, extra = divmod(n_global, w)
+    start = r * per + min(r, extra)
+    n_local = per + (1 if r < extra else 0)
+    return slice(start, start + n_local), n_local * w / n_global
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics...) into every rank's module, in place.
+
+    DDP broadcasts buffers only at the start of a training forward, so after the last step of an
+    epoch each rank holds statistics updated by its own batch; call this before evaluating.
+    """
+    if not is_initialized() or world_size() == 1:
+        return
+    for b in module.buffers():
+        if dist.get_backend() == "nccl" and not b.is_cuda:
+            t = b.to(device())
+            dist.broadcast(t, src)
+            b.copy_(t)
+        else:
+            dist.broadcast(b, src)
 
 
 def shard_indices(n: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = False,

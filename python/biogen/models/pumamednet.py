@@ -197,23 +197,37 @@ class Corrupted:
     targets: torch.Tensor
 
 
-def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen).to(device)
+def _rand(n: int, gen: torch.Generator, device, part: slice = slice(None)) -> torch.Tensor:
+    return torch.rand(n, generator=gen)[part].to(device)
 
 
-def random_geometry(x: torch.Tensor, cfg: PumaMedNetConfig, gen: torch.Generator) -> torch.Tensor:
+def _global_part(n: int, global_batch: Optional[int], rank_slice: Optional[slice]) -> tuple[int, slice]:
+    """(size of the draws, this batch's part of them): the whole batch unless it is one rank's part."""
+    if (global_batch is None) != (rank_slice is None):
+        raise ValueError("pass global_batch and rank_slice together")
+    if global_batch is None:
+        return n, slice(None)
+    if len(range(global_batch)[rank_slice]) != n:
+        raise ValueError(f"rank_slice {rank_slice} of a global batch of {global_batch} does not hold {n} images")
+    return global_batch, rank_slice
+
+
+def random_geometry(x: torch.Tensor, cfg: PumaMedNetConfig, gen: torch.Generator, *,
+                    global_batch: Optional[int] = None, rank_slice: Optional[slice] = None) -> torch.Tensor:
     """Random rotation, flips and perspective warp, one homography per image; outside fills with -1.
 
     x: (batch, channels, h, w) in [-1, 1] -> same shape. Draws its random numbers first from ``gen``,
-    so ``corrupt`` with an equally seeded generator produces the same targets.
+    so ``corrupt`` with an equally seeded generator produces the same targets. With ``global_batch``
+    and ``rank_slice``, x is that part of a global batch and the draws are the global batch's, sliced.
     """
     n, _, h, w = x.shape
     dev = x.device
-    ang = (_rand(n, gen, dev) * 2 - 1) * math.radians(cfg.rotate_deg)
-    fx = torch.where(_rand(n, gen, dev) < cfg.p_hflip, -1.0, 1.0)
-    fy = torch.where(_rand(n, gen, dev) < cfg.p_vflip, -1.0, 1.0)
-    px = (_rand(n, gen, dev) * 2 - 1) * cfg.perspective
-    py = (_rand(n, gen, dev) * 2 - 1) * cfg.perspective
+    ng, part = _global_part(n, global_batch, rank_slice)
+    ang = (_rand(ng, gen, dev, part) * 2 - 1) * math.radians(cfg.rotate_deg)
+    fx = torch.where(_rand(ng, gen, dev, part) < cfg.p_hflip, -1.0, 1.0)
+    fy = torch.where(_rand(ng, gen, dev, part) < cfg.p_vflip, -1.0, 1.0)
+    px = (_rand(ng, gen, dev, part) * 2 - 1) * cfg.perspective
+    py = (_rand(ng, gen, dev, part) * 2 - 1) * cfg.perspective
     if cfg.rotate_deg == 0 and cfg.p_hflip == 0 and cfg.p_vflip == 0 and cfg.perspective == 0:
         return x.clone()
     c, s = torch.cos(ang), torch.sin(ang)
@@ -232,10 +246,13 @@ def random_geometry(x: torch.Tensor, cfg: PumaMedNetConfig, gen: torch.Generator
     return F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per image; sigma 0 leaves the image unchanged."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: Optional[float] = None) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image; sigma 0 leaves the image unchanged.
+
+    The kernel radius is ``3 * sigma_max`` (default ``sigma.max()``), rounded up.
+    """
     n, c, h, w = x.shape
-    r = max(1, int(math.ceil(3 * float(sigma.max()))))
+    r = max(1, int(math.ceil(3 * float(sigma.max() if sigma_max is None else sigma_max))))
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
     k = k / k.sum(-1, keepdim=True)
@@ -246,35 +263,40 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
-def corrupt(x: torch.Tensor, cfg: PumaMedNetConfig, gen: torch.Generator) -> Corrupted:
+def corrupt(x: torch.Tensor, cfg: PumaMedNetConfig, gen: torch.Generator, *,
+            global_batch: Optional[int] = None, rank_slice: Optional[slice] = None) -> Corrupted:
     """Denoising pair: augmented clean target and its corrupted copy (blur, noise, random erasing).
 
     x: (batch, channels, h, w) in [-1, 1]. The random erasing fills a rectangle (area fraction in
     ``cfg.erase_scale``, aspect ratio in [0.3, 3.3]) with uniform noise, so the decoder must predict
-    the missing patch from its context.
+    the missing patch from its context. With ``global_batch`` and ``rank_slice`` (the distributed
+    trainer), x is that part of a global batch: every random number is drawn for the global batch
+    and sliced, so the ranks' parts together equal one process's corruption of the whole batch.
     """
-    target = random_geometry(x, cfg, gen)
-    n, c, h, w = target.shape
+    n, c, h, w = x.shape
+    ng, part = _global_part(n, global_batch, rank_slice)
+    target = random_geometry(x, cfg, gen, global_batch=global_batch, rank_slice=rank_slice)
     dev = target.device
     y = target
     if cfg.blur_sigma > 0:
-        y = _gaussian_blur(y, _rand(n, gen, dev) * cfg.blur_sigma)
+        sig = torch.rand(ng, generator=gen) * cfg.blur_sigma
+        y = _gaussian_blur(y, sig[part].to(dev), float(sig.max()))  # the global batch's kernel radius
     if cfg.noise_std > 0:
-        y = y + cfg.noise_std * torch.randn(y.shape, generator=gen).to(dev, y.dtype)
+        y = y + cfg.noise_std * torch.randn((ng,) + tuple(y.shape[1:]), generator=gen)[part].to(dev, y.dtype)
     if cfg.p_erase > 0:
-        do = _rand(n, gen, dev) < cfg.p_erase
+        do = _rand(ng, gen, dev, part) < cfg.p_erase
         lo, hi = cfg.erase_scale
-        area = (lo + (hi - lo) * _rand(n, gen, dev)) * h * w
-        ratio = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * _rand(n, gen, dev))
+        area = (lo + (hi - lo) * _rand(ng, gen, dev, part)) * h * w
+        ratio = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * _rand(ng, gen, dev, part))
         eh = (area * ratio).sqrt().round().clamp(1, h)
         ew = (area / ratio).sqrt().round().clamp(1, w)
-        y0 = ((h - eh) * _rand(n, gen, dev)).floor()
-        x0 = ((w - ew) * _rand(n, gen, dev)).floor()
+        y0 = ((h - eh) * _rand(ng, gen, dev, part)).floor()
+        x0 = ((w - ew) * _rand(ng, gen, dev, part)).floor()
         rr = torch.arange(h, device=dev)[None, :, None]
         cc = torch.arange(w, device=dev)[None, None, :]
         m = ((rr >= y0[:, None, None]) & (rr < (y0 + eh)[:, None, None]) & (cc >= x0[:, None, None])
              & (cc < (x0 + ew)[:, None, None]) & do[:, None, None])[:, None]
-        fill = torch.rand(y.shape, generator=gen).to(dev, y.dtype) * 2 - 1
+        fill = torch.rand((ng,) + tuple(y.shape[1:]), generator=gen)[part].to(dev, y.dtype) * 2 - 1
         y = torch.where(m, fill, y)
     return Corrupted(inputs=y.clamp(-1, 1), targets=target)
 
@@ -419,16 +441,25 @@ class PumaMedNet(nn.Module):
         """Decoder output at the latent mean (batch, c, s, s)."""
         return torch.cat([self.decoder(self.encode(b)[0]) for b in x.split(batch_size)])
 
-    def forward(self, x: torch.Tensor, gen: Optional[torch.Generator] = None):
-        """Returns (recon, mu, logvar); samples z with ``gen`` (reparameterisation)."""
+    def forward(self, x: torch.Tensor, gen: Optional[torch.Generator] = None, eps: Optional[torch.Tensor] = None):
+        """Returns (recon, mu, logvar); samples z with ``eps`` (batch, latent) when given, else with ``gen``."""
         mu, logvar = self.encode(x)
-        eps = torch.randn(mu.shape, generator=gen).to(mu) if gen is not None else torch.randn_like(mu)
+        if eps is not None:
+            if eps.shape != mu.shape:
+                raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
+            eps = eps.to(mu)
+        else:
+            eps = torch.randn(mu.shape, generator=gen).to(mu) if gen is not None else torch.randn_like(mu)
         return self.decoder(mu + eps * (0.5 * logvar).exp()), mu, logvar
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, gen: Optional[torch.Generator] = None) -> VAELoss:
-        """Denoising beta-VAE loss with attention-weighted reconstruction (see the module docstring)."""
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, gen: Optional[torch.Generator] = None,
+             eps: Optional[torch.Tensor] = None) -> VAELoss:
+        """Denoising beta-VAE loss with attention-weighted reconstruction (see the module docstring).
+
+        ``eps`` (batch, latent): the reparameterisation noise, else drawn from ``gen``.
+        """
         self.check_images(targets, "targets")
-        recon, mu, logvar = self(inputs, gen)
+        recon, mu, logvar = self(inputs, gen, eps)
         if self.attention_head is None:
             return beta_vae_loss(recon, targets, mu, logvar, beta=self.cfg.beta, decoder_sigma=self.cfg.decoder_sigma)
         n, _, h, w = inputs.shape
@@ -490,37 +521,78 @@ def _check_data(model: PumaMedNet, images: torch.Tensor, labels: Optional[torch.
                              f"[{int(labels.min())}, {int(labels.max())}]")
 
 
+class _Parts(nn.Module):
+    """A container of some of a model's submodules: DDP then synchronises exactly their parameters."""
+
+    def __init__(self, **parts: Optional[nn.Module]) -> None:
+        super().__init__()
+        for k, m in parts.items():
+            if m is not None:
+                self.add_module(k, m)
+
+
 def fit_vae(model: PumaMedNet, images: torch.Tensor, *, epochs: Optional[int] = None,
             gen: Optional[torch.Generator] = None, log: Optional[list] = None) -> list[dict]:
     """Train the denoising beta-VAE (and attention head) on images (n, c, s, s) in [-1, 1].
 
     Returns one dict of mean losses per epoch (also appended to ``log`` if given).
+
+    Runs unchanged under ``torchrun --nproc_per_node N`` (see :mod:`biogen.distributed`): ``cfg.batch_size``
+    is the *global* batch; every rank draws the same permutation and the corruption and latent
+    noise of the whole global batch, and trains on its contiguous part under DistributedDataParallel
+    (GroupNorm has no batch statistics), so a step on N ranks equals one single-process step up to
+    floating-point reduction order. A last global batch smaller than N is skipped. The epoch losses
+    are exact means over all ranks' images. The model must be on this rank's device.
     """
+    from .. import distributed as bdist
+
     _check_data(model, images)
     cfg = model.cfg
+    bdist.init()
+    world = bdist.world_size()
+    if cfg.batch_size < world or images.shape[0] < world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is the global batch and must be >= the number of "
+                         f"processes ({world}), and so must the number of images ({images.shape[0]})")
     gen = gen or torch.Generator().manual_seed(cfg.seed)
     params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     dev = next(model.parameters()).device
+
+    def vae_loss(_parts, inputs, targets, eps):
+        out = model.loss(inputs, targets, gen) if eps is None else model.loss(inputs, targets, eps=eps)
+        zero = out.total.new_zeros(())
+        return out.total, out.recon, out.kl, zero if out.attention is None else out.attention
+
+    loss_fn = bdist.wrap_loss(_Parts(encoder=model.encoder, decoder=model.decoder,
+                                     attention_head=model.attention_head), vae_loss)
     history = log if log is not None else []
     model.train()
     n = images.shape[0]
     for ep in range(epochs if epochs is not None else cfg.epochs):
         perm = torch.randperm(n, generator=gen)
-        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "attention": 0.0}
+        sums = np.zeros(5)  # loss, recon, kl, attention (each times the images), images
         for i in range(0, n, cfg.batch_size):
-            x = images[perm[i:i + cfg.batch_size]].to(dev)
-            pair = corrupt(x, cfg, gen)
-            out = model.loss(pair.inputs, pair.targets, gen)
+            n_glob = min(cfg.batch_size, n - i)
+            if n_glob < world:  # ranks stay in lockstep: a tail too small to share is skipped by all
+                break
+            part, scale = bdist.rank_share(n_glob)
+            x = images[perm[i:i + n_glob][part]].to(dev)
+            eps = None
+            if world > 1:
+                pair = corrupt(x, cfg, gen, global_batch=n_glob, rank_slice=part)
+                eps = torch.randn((n_glob, cfg.latent_dim), generator=gen)[part].to(dev)
+            else:
+                pair = corrupt(x, cfg, gen)
+            total, recon, kl, att = loss_fn(pair.inputs, pair.targets, eps)
             opt.zero_grad(set_to_none=True)
-            out.total.backward()
+            (total * scale if scale != 1.0 else total).backward()
             opt.step()
             b = x.shape[0]
-            sums["loss"] += float(out.total.detach()) * b
-            sums["recon"] += float(out.recon.detach()) * b
-            sums["kl"] += float(out.kl.detach()) * b
-            sums["attention"] += float(out.attention.detach()) * b if out.attention is not None else 0.0
-        history.append({"epoch": ep + 1, **{k: v / n for k, v in sums.items()}})
+            sums += [float(total.detach()) * b, float(recon.detach()) * b, float(kl.detach()) * b,
+                     float(att.detach()) * b, b]
+        sums = bdist.all_reduce_sum(sums)
+        history.append({"epoch": ep + 1, **{k: float(v / sums[4]) for k, v in
+                                            zip(("loss", "recon", "kl", "attention"), sums[:4])}})
     model.eval()
     return history
 
@@ -533,39 +605,68 @@ def fit_classifier(model: PumaMedNet, images: torch.Tensor, labels: torch.Tensor
     Frozen encoder (default): full-batch Adam on the cached latents, ``cfg.clf_epochs`` steps.
     ``finetune=True``: encoder and head trained together by minibatches, ``epochs`` (default
     ``max(1, cfg.epochs // 3)``) passes at a tenth of ``cfg.lr``. Returns the training accuracy and loss.
+
+    Under ``torchrun`` (see :mod:`biogen.distributed`): frozen, each rank encodes only its contiguous
+    shard of the images and the full-batch loss is the exact mean over all shards (DDP on the head);
+    fine-tuned, each global minibatch is split across the ranks as in :func:`fit_vae`. Accuracy and
+    loss are exact over all images.
     """
+    from .. import distributed as bdist
+
     _check_data(model, images, labels)
     cfg = model.cfg
     finetune = cfg.finetune_encoder if finetune is None else finetune
+    bdist.init()
+    world = bdist.world_size()
+    n = images.shape[0]
+    if n < world:
+        raise ValueError(f"{n} image(s) cannot be shared by {world} processes")
     gen = gen or torch.Generator().manual_seed(cfg.seed + 1)
     dev = next(model.parameters()).device
     y = labels.to(dev).long()
+    shard, shard_scale = bdist.rank_share(n)  # the whole set in one process
     model.eval()
     if not finetune:
-        mu = model.latent_mean(images.to(dev))
+        mu = model.latent_mean(images[shard].to(dev))
+        ys = y[shard]
+        head = bdist.wrap_ddp(model.classifier)
         opt = torch.optim.Adam(model.classifier.parameters(), lr=cfg.clf_lr)
         for _ in range(epochs if epochs is not None else cfg.clf_epochs):
-            loss = F.cross_entropy(model.classifier(mu), y)
+            loss = F.cross_entropy(head(mu), ys)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * shard_scale if shard_scale != 1.0 else loss).backward()
             opt.step()
     else:
+        if cfg.batch_size < world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) is the global batch and must be >= the number of "
+                             f"processes ({world})")
         params = list(model.encoder.parameters()) + list(model.classifier.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr / 10)
-        n = images.shape[0]
+        logits_fn = bdist.wrap_loss(_Parts(encoder=model.encoder, classifier=model.classifier),
+                                    lambda _parts, xb: model.logits(xb))
         for _ in range(epochs if epochs is not None else max(1, cfg.epochs // 3)):
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                loss = F.cross_entropy(model.logits(images[idx].to(dev)), y[idx.to(dev)])
+                n_glob = min(cfg.batch_size, n - i)
+                if n_glob < world:
+                    break
+                part, scale = bdist.rank_share(n_glob)
+                idx = perm[i:i + n_glob][part]
+                loss = F.cross_entropy(logits_fn(images[idx].to(dev)), y[idx.to(dev)])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * scale if scale != 1.0 else loss).backward()
                 opt.step()
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model.logits(b) for b in images.to(dev).split(256)])
-        return {"train_accuracy": float((logits.argmax(-1) == y).float().mean()),
-                "train_loss": float(F.cross_entropy(logits, y))}
+        if world == 1:
+            logits = torch.cat([model.logits(b) for b in images.to(dev).split(256)])
+            return {"train_accuracy": float((logits.argmax(-1) == y).float().mean()),
+                    "train_loss": float(F.cross_entropy(logits, y))}
+        logits = torch.cat([model.logits(b) for b in images[shard].to(dev).split(256)])
+        ys = y[shard]
+        s = bdist.all_reduce_sum(np.array([float((logits.argmax(-1) == ys).sum()),
+                                           float(F.cross_entropy(logits.double(), ys, reduction="sum")), len(ys)]))
+        return {"train_accuracy": float(s[0] / s[2]), "train_loss": float(s[1] / s[2])}
 
 
 # --------------------------------------------------------------------------------- explainability

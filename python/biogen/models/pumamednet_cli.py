@@ -11,8 +11,15 @@ import numpy as np
 
 
 def _device(name: str):
+    """The torch device for ``--device``; under torchrun each process's own (see :mod:`biogen.distributed`):
+    ``cpu`` trains on CPUs with Gloo, anything else on the process's GPU (``LOCAL_RANK``) with NCCL."""
     import torch
 
+    from .. import distributed as bdist
+
+    if bdist.launched_by_torchrun():
+        bdist.init("gloo" if name == "cpu" or not torch.cuda.is_available() else "nccl")
+        return torch.device("cpu") if name == "cpu" else bdist.device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -34,9 +41,14 @@ def _skipped(folder) -> list[dict]:
 
 
 def _train(data, out: Path, cfg, device, val_fraction: float) -> dict:
-    """Train on an image folder; write model/, history.json and reconstructions.png into ``out``."""
+    """Train on an image folder; write model/, history.json and reconstructions.png into ``out``.
+
+    Under torchrun every process trains (DDP) and evaluates its shard of the validation split; only
+    rank 0 writes.
+    """
     import torch
 
+    from .. import distributed as bdist
     from ..data.images import save_grid
     from ..utils import write_json
     from .pumamednet import PumaMedNet, fit_classifier, fit_vae
@@ -56,16 +68,23 @@ def _train(data, out: Path, cfg, device, val_fraction: float) -> dict:
     history = fit_vae(model, x[tr].to(device))
     clf = fit_classifier(model, x[tr].to(device), y[tr].to(device))
     if n_val:
-        pred = model.predict(x[val].to(device)).cpu()
-        clf["val_accuracy"] = float((pred == y[val]).float().mean())
+        if bdist.world_size() == 1:
+            pred = model.predict(x[val].to(device)).cpu()
+            clf["val_accuracy"] = float((pred == y[val]).float().mean())
+        else:
+            mine = val[np.array_split(np.arange(n_val), bdist.world_size())[bdist.rank()]]
+            right = float((model.predict(x[mine].to(device)).cpu() == y[mine]).sum()) if len(mine) else 0.0
+            clf["val_accuracy"] = float(bdist.all_reduce_sum(right) / n_val)
+    summary = {"n_train": len(tr), "n_val": n_val, "classes": folder.classes, "vae": history,
+               "classifier": clf, "skipped": _skipped(folder), "notes": folder.notes}
+    if not bdist.is_main():
+        return summary
     model.save(out / "model")
     with torch.no_grad():
         xs = x[:8].to(device)
         rec = model.reconstruct(xs)
     save_grid(torch.stack([xs, rec], 1).flatten(0, 1).cpu().numpy(), out / "reconstructions.png", nrow=2)
-    summary = {"n_train": len(tr), "n_val": n_val, "classes": folder.classes, "vae": history,
-               "classifier": clf, "skipped": _skipped(folder), "notes": folder.notes}
-    write_json(out / "history.json", summary)
+    write_json(out / "history.json", {**summary, "world_size": bdist.world_size()})
     return summary
 
 
@@ -86,11 +105,15 @@ def _config_from_args(args):
 
 
 def _cmd_train(args) -> int:
+    from .. import distributed as bdist
     from ..utils import prepare_output_dir
 
     cfg = _config_from_args(args)
+    dev = _device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    s = _train(args.data, out, cfg, _device(args.device), args.val_fraction)
+    bdist.barrier()  # every process has checked the folder before rank 0 writes into it
+    s = _train(args.data, out, cfg, dev, args.val_fraction)
+    bdist.barrier()
     acc = s["classifier"].get("val_accuracy")
     print(f"trained on {s['n_train']} image(s), classes {s['classes']}; train accuracy "
           f"{s['classifier']['train_accuracy']:.3f}" + (f", validation accuracy {acc:.3f}" if acc is not None else "")
@@ -209,20 +232,27 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .. import distributed as bdist
     from ..utils import prepare_output_dir, write_json
     from .pumamednet import PRESETS, grid_regions, make_synthetic_cxr, write_synthetic_folder
 
+    dev = _device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    bdist.barrier()
     cfg = replace(PRESETS[args.preset], seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
     s = cfg.image_size
     train = make_synthetic_cxr(args.n_train, size=s, shortcut=args.shortcut, seed=args.seed)
     test = make_synthetic_cxr(args.n_test, size=s, shortcut=0.0, seed=args.seed + 10_000)
-    write_synthetic_folder(train, out / "data" / "train")
-    write_synthetic_folder(test, out / "data" / "test")
+    if bdist.is_main():
+        write_synthetic_folder(train, out / "data" / "train")
+        write_synthetic_folder(test, out / "data" / "test")
+    bdist.barrier()  # the other processes read the folders rank 0 wrote
     print(f"synthetic chest X-rays: {args.n_train} train (marker/label correlation {args.shortcut}), "
           f"{args.n_test} test (none); marker at {list(train.marker_region)}")
-    dev = _device(args.device)
     summ = _train(out / "data" / "train", out / "train", cfg, dev, val_fraction=0.2)
+    if not bdist.is_main():  # explanation and audit are rank 0's (single-process) work
+        bdist.barrier()
+        return 0
     print(f"train accuracy {summ['classifier']['train_accuracy']:.3f}, validation (same distribution as training) "
           f"{summ['classifier'].get('val_accuracy', float('nan')):.3f}")
     _explain(out / "train" / "model", out / "data" / "test", out / "explain", dev, 8, 7, 6)
@@ -246,6 +276,7 @@ def _cmd_demo(args) -> int:
     else:
         print("no shortcut flagged: the decision does not depend on the corner marker")
     print(f"outputs in {out}: data/, train/, explain/, audit/, verdict.json")
+    bdist.barrier()
     return 0
 
 

@@ -243,33 +243,45 @@ class RNACDM(nn.Module):
         e_c, e_u = out[:B], out[B:]
         return e_u + guidance_scale * (e_c - e_u)
 
-    def loss(self, stage: str, x0: torch.Tensor, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def loss(self, stage: str, x0: torch.Tensor, z: torch.Tensor, generator: Optional[torch.Generator] = None,
+             *, global_batch: Optional[int] = None, rank_slice: Optional[slice] = None) -> torch.Tensor:
         """Denoising loss (MSE on v or epsilon) of one stage on clean tiles ``x0`` (batch, 3, S, S) in [-1, 1].
 
         Tiles of another size are resized (area) to the stage size; the SR stage builds its low-res
-        input by downsampling x0 to ``base_size``.
+        input by downsampling x0 to ``base_size``. With ``global_batch`` and ``rank_slice`` (the
+        distributed trainer), ``x0`` is part ``rank_slice`` of a global batch of ``global_batch`` tiles:
+        the timesteps and noise are drawn for the whole global batch and sliced, so the ranks together
+        use exactly the draws of one process.
         """
         c = self.config
         if x0.dim() != 4 or x0.shape[1] != 3:
             raise ValueError(f"x0 must be (batch, 3, H, W), got {tuple(x0.shape)}")
         B, dev = x0.shape[0], x0.device
+        if (global_batch is None) != (rank_slice is None):
+            raise ValueError("pass global_batch and rank_slice together")
+        Bg, part = (B, slice(None)) if global_batch is None else (global_batch, rank_slice)
+        if len(range(Bg)[part]) != B:
+            raise ValueError(f"rank_slice {rank_slice} of a global batch of {Bg} does not hold {B} tiles")
         size = c.size(stage)
         if x0.shape[-1] != size or x0.shape[-2] != size:
             x0 = F.interpolate(x0, size=(size, size), mode="area")
         T = c.num_train_timesteps
 
-        def rand(*shape):
-            return torch.rand(shape, generator=generator).to(dev)
+        def rand():
+            return torch.rand((Bg,), generator=generator)[part].to(dev)
 
-        t = (rand(B) * T).long().clamp_max(T - 1)
-        noise = torch.randn(x0.shape, generator=generator).to(dev)
+        def randn(shape):
+            return torch.randn((Bg,) + tuple(shape[1:]), generator=generator)[part].to(dev)
+
+        t = (rand() * T).long().clamp_max(T - 1)
+        noise = randn(x0.shape)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         low = None
         if stage == "sr":
             lo = F.interpolate(x0, size=(c.base_size, c.base_size), mode="area")
-            aug_t = (rand(B) * c.noise_aug_max * T).long()
-            low = self.low_res_input(lo, aug_t, torch.randn(lo.shape, generator=generator).to(dev))
-        drop = rand(B) < c.cond_drop_prob
+            aug_t = (rand() * c.noise_aug_max * T).long()
+            low = self.low_res_input(lo, aug_t, randn(lo.shape))
+        drop = rand() < c.cond_drop_prob
         if c.prediction_type == "epsilon":
             target = noise
         else:
@@ -413,6 +425,15 @@ class CascadeTrainConfig:
             raise ValueError("max_seconds must be > 0")
 
 
+class _Trainable(nn.Module):
+    """The trained stages' modules only: DDP synchronises exactly the parameters that get gradients."""
+
+    def __init__(self, model: "RNACDM", stages: Sequence[str]) -> None:
+        super().__init__()
+        self.tokens = nn.ModuleDict({s: model.tokens[s] for s in stages})
+        self.unets = nn.ModuleDict({s: model.unets[s] for s in stages})
+
+
 def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainConfig] = None,
                   stages: Sequence[str] = STAGES, log: Optional[Callable[[str], None]] = None) -> dict:
     """Train the given stages of ``model`` on paired tiles and latents.
@@ -422,7 +443,19 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     together are trained in one loop (one step of each per iteration); listed alone, separately.
     The latent standardisation is fitted on ``latents`` when the model has not seen any yet.
     Returns ``{stage: [loss per step]}`` plus ``seconds``.
+
+    Runs unchanged under ``torchrun --nproc_per_node N`` (see :mod:`biogen.distributed`): every rank
+    holds the data, draws the same global batch of ``config.batch_size`` indices, flips, timesteps
+    and noise (one process's draws; each rank draws them for the whole global batch, a CPU cost that
+    grows with N) and trains on its contiguous part under DistributedDataParallel, so a step on N
+    ranks equals one single-process step up to floating-point reduction order. Gradients are clipped
+    after synchronisation, so parameters and the EMA stay identical on all ranks. The losses in the
+    history are global-batch means; ``log`` runs on rank 0 only; the ``max_seconds`` budget and the
+    clock-driven learning rate use the ranks' mean elapsed time, so all ranks stop together. Under
+    NCCL the model is moved to this rank's GPU.
     """
+    from .. import distributed as bdist
+
     tc = config or CascadeTrainConfig()
     c = model.config
     stages = tuple(stages)
@@ -437,6 +470,15 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
         raise ValueError(f"tiles are {x.shape[-1]} px but training {stages} of preset {c.preset!r} needs {need} px")
     if len(zz) != len(x):
         raise ValueError(f"need one latent per tile: {len(x)} tiles, {len(zz)} latents")
+    bdist.init()
+    world = bdist.world_size()
+    n_glob = min(tc.batch_size, len(x))
+    if n_glob < world:
+        raise ValueError(f"the global batch ({n_glob} tiles: batch_size {tc.batch_size}, {len(x)} tiles) is smaller "
+                         f"than the number of processes ({world}): every process needs at least one tile")
+    part, scale = bdist.rank_share(n_glob)
+    if world > 1 and bdist.device().type == "cuda" and model.latent_mean.device != bdist.device():
+        model.to(bdist.device())
     zz = model._check_latent(zz)
     if bool((model.latent_std == 1).all() and (model.latent_mean == 0).all()):
         model.latent_mean.copy_(zz.mean(0))
@@ -454,6 +496,12 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
             p = max(p, elapsed / tc.max_seconds)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
+    def stage_losses(_trainable, xb, zb):
+        ls = [model.loss(s, xb, zb, generator=g, **split) for s in stages]
+        return sum(ls[1:], ls[0]), ls
+
+    split = {} if world == 1 else {"global_batch": n_glob, "rank_slice": part}
+    loss_fn = bdist.wrap_loss(_Trainable(model, stages), stage_losses)
     ema = copy.deepcopy({s: (model.tokens[s].state_dict(), model.unets[s].state_dict()) for s in stages}) if tc.ema_decay else None
     g = torch.Generator().manual_seed(tc.seed)
     hist: dict = {s: [] for s in stages}
@@ -461,23 +509,22 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     t0 = time.perf_counter()
     model.train()
     dev = model.latent_mean.device
+    elapsed = 0.0  # the clock the LR schedule and the budget follow (the ranks' mean under torchrun)
     for step in range(tc.steps):
         ts = time.perf_counter()
+        if world == 1:
+            elapsed = ts - t0
         for group in opt.param_groups:
-            group["lr"] = tc.lr * lr_factor(step, ts - t0)
-        idx = torch.randint(0, len(x), (min(tc.batch_size, len(x)),), generator=g)
+            group["lr"] = tc.lr * lr_factor(step, elapsed)
+        idx = torch.randint(0, len(x), (n_glob,), generator=g)[part]
         xb, zb = x[idx].to(dev), zz[idx]
         if torch.rand((), generator=g) < 0.5:  # flips are label-preserving for tissue tiles
             xb = xb.flip(-1)
         if torch.rand((), generator=g) < 0.5:
             xb = xb.flip(-2)
-        total = 0.0
-        for s in stages:
-            l = model.loss(s, xb, zb, generator=g)
-            total = total + l
-            hist[s].append(float(l.detach()))
+        total, ls = loss_fn(xb, zb)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        (total * scale if scale != 1.0 else total).backward()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
@@ -490,12 +537,18 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
                                 tgt[k].mul_(tc.ema_decay).add_(v.detach(), alpha=1 - tc.ema_decay)
                             else:
                                 tgt[k].copy_(v)
+        # one collective per step: the global-batch losses and the ranks' mean clock
+        red = bdist.all_reduce_mean(np.array([float(l.detach()) * scale for l in ls] + [time.perf_counter() - t0]))
+        for s, v in zip(stages, red[:-1]):
+            hist[s].append(float(v))
+        if world > 1:
+            elapsed = float(red[-1])
         hist["step_seconds"].append(time.perf_counter() - ts)
-        if log and (step % 50 == 0 or step == tc.steps - 1):
+        if log and bdist.is_main() and (step % 50 == 0 or step == tc.steps - 1):
             log(f"step {step + 1}/{tc.steps} " + " ".join(f"{s} {np.mean(hist[s][-50:]):.4f}" for s in stages)
                 + f" ({time.perf_counter() - t0:.0f}s)")
-        if tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds:
-            if log:
+        if tc.max_seconds is not None and (elapsed if world > 1 else time.perf_counter() - t0) > tc.max_seconds:
+            if log and bdist.is_main():
                 log(f"stopping after {step + 1} steps: time budget of {tc.max_seconds:.0f}s reached")
             break
     if ema is not None:

@@ -111,9 +111,14 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
              guidance_scale: float = 3.0, perturb_amount: float = 0.3, seed: int = 0, overwrite: bool = False,
              log: Optional[Callable[[str], None]] = None) -> dict:
     """Toy tissue -> RNA beta-VAE -> cascade (``preset``) -> grids, composition fidelity, perturbation,
-    FID/KID; writes everything under ``out`` and returns the metrics dict (also ``metrics.json``)."""
+    FID/KID; writes everything under ``out`` and returns the metrics dict (also ``metrics.json``).
+
+    Under torchrun every process trains the VAE and the cascade (DDP, global batches split across
+    the processes); rank 0 alone writes, logs and evaluates, and every rank returns its metrics.
+    """
     import torch
 
+    from .. import distributed as bdist
     from ..data.paired import load_paired
     from ..data.toy_tissue import CELL_TYPES, ToyTissueConfig, perturb_rna, simulate_toy_tissue
     from ..metrics import perturbation_effect, plot_composition
@@ -122,23 +127,31 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
     log = log or (lambda msg: print(msg, flush=True))  # flushed: progress shows when stdout is a file
+    bdist.init()
+    main = bdist.is_main()
+    if not main:
+        log = lambda msg: None  # noqa: E731
     t_start = time.perf_counter()
     out = prepare_output_dir(out, overwrite=overwrite)
+    bdist.barrier()  # every process has checked the folder before rank 0 writes into it
     torch.manual_seed(seed)
     probe = cascade_preset(preset, 16)
     tcfg = ToyTissueConfig(tile_size=probe.sr_size)
     log(f"simulating toy tissue: {n_samples} samples x {tiles_per_sample} tiles of {tcfg.tile_size} px")
     toy = simulate_toy_tissue(n_samples, tiles_per_sample, tcfg, seed=seed)
-    toy.write(out / "data" / "rna.h5ad", out / "data" / "tiles")
+    if main:
+        toy.write(out / "data" / "rna.h5ad", out / "data" / "tiles")
+    bdist.barrier()  # the others read what rank 0 wrote
     paired = load_paired(out / "data" / "rna.h5ad", out / "data" / "tiles")
     adata = paired.adata
 
     log("training the RNA beta-VAE")
     enc, vh = RNAEncoder.fit(adata, RNAVAEConfig(n_genes=adata.n_vars, hidden=(256, 128), latent_dim=16),
                              VAETrainConfig(epochs=150, batch_size=32, lr=3e-3, warmup_epochs=5, patience=20, seed=seed))
-    enc.save(out / "vae.safetensors")
     z_all = enc.export_latents(adata)
-    plot_latents(z_all, adata.obs["cancer_type"], out / "latents_umap.png", method="umap", seed=seed)
+    if main:
+        enc.save(out / "vae.safetensors")
+        plot_latents(z_all, adata.obs["cancer_type"], out / "latents_umap.png", method="umap", seed=seed)
     test = np.asarray(vh.split["test"], np.int64)
     train_rows = np.setdiff1d(np.arange(adata.n_obs), test)
     log(f"VAE: best epoch {vh.best_epoch + 1}, val loss {min(vh.val_loss):.4f}, test loss {vh.test_loss:.4f}; "
@@ -158,8 +171,10 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
                                     CascadeTrainConfig(steps=100000, batch_size=16, lr=2e-3, warmup_steps=20,
                                                        ema_decay=0.99, max_seconds=share * budget, seed=seed),
                                     stages=(stage,), log=log)
-    model.save(out / "cascade.safetensors", extra={"vae": "vae.safetensors"})
     train_seconds = time.perf_counter() - t_start
+    if not main:  # evaluation is single-process work: wait for rank 0's metrics
+        return bdist.broadcast_object(None)
+    model.save(out / "cascade.safetensors", extra={"vae": "vae.safetensors"})
 
     log(f"generating {eval_tiles_per_sample} tiles for each of {len(test)} held-out samples "
         f"(DPM-Solver++ {steps}+{sr_steps} steps, guidance {guidance_scale})")
@@ -248,19 +263,34 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
         f"(real vs real {fk_rr['fid']:.2f}); base stage: within-type r = {evb['fidelity'].within_type_r:.3f}, "
         f"lymphocyte {pert_b.mean_before:.3f} -> {pert_b.mean_after:.3f} (p = {pert_b.p_value:.2g})")
     log(f"wrote {out}/metrics.json and figures in {time.perf_counter() - t_start:.0f}s")
-    return metrics
+    return bdist.broadcast_object(metrics)
 
 
 # ------------------------------------------------------------------------------------ commands
 
 
+def _output_dir(args) -> Path:
+    """Check (every rank) and create the output folder; no rank writes into it before all have checked.
+
+    Under torchrun every process trains and only rank 0 writes (see :mod:`biogen.distributed`).
+    """
+    from .. import distributed as bdist
+    from ..utils import prepare_output_dir
+
+    bdist.init()
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    bdist.barrier()
+    return out
+
+
 def _cmd_train_vae(args) -> int:
     import anndata as ad
 
-    from ..utils import prepare_output_dir, write_json
+    from .. import distributed as bdist
+    from ..utils import write_json
     from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    out = _output_dir(args)
     adata = ad.read_h5ad(args.rna)
     label = None if args.label_key == "none" else args.label_key
     enc, hist = RNAEncoder.fit(
@@ -270,6 +300,8 @@ def _cmd_train_vae(args) -> int:
                        patience=args.patience, label_key=label, seed=args.seed),
         log=print if args.verbose else None,
     )
+    if not bdist.is_main():
+        return 0
     enc.save(out / "vae.safetensors")
     enc.export_latents(adata, args.obsm_key)
     from ..utils import atomic_path
@@ -285,17 +317,21 @@ def _cmd_train_vae(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    import torch
+
+    from .. import distributed as bdist
     from ..data.paired import load_paired
-    from ..utils import prepare_output_dir, write_json
+    from ..utils import write_json
     from .rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
     from .rna_vae import RNAEncoder
 
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    out = _output_dir(args)
     enc = RNAEncoder.load(args.vae)
     paired = load_paired(args.rna, args.tiles, sample_key=args.sample_key, allow_unmatched=args.allow_unmatched)
     if args.resume:
         model = RNACDM.load(args.resume, preset=args.preset)
     else:
+        torch.manual_seed(args.seed)  # the same initial weights in every process (and every run)
         model = RNACDM(cascade_preset(args.preset, enc.latent_dim))
     if model.config.latent_dim != enc.latent_dim:
         raise ValueError(f"the cascade expects latents of {model.config.latent_dim} but the VAE makes {enc.latent_dim}")
@@ -305,9 +341,11 @@ def _cmd_train(args) -> int:
                                             ema_decay=args.ema, seed=args.seed,
                                             max_seconds=args.minutes * 60 if args.minutes else None),
                          stages=tuple(args.stages), log=lambda msg: print(msg, flush=True))
-    model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
-    write_json(out / "history.json", _js(hist))
-    print(f"wrote {out}/cascade.safetensors")
+    if bdist.is_main():
+        model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
+        write_json(out / "history.json", _js({**hist, "world_size": bdist.world_size()}))
+        print(f"wrote {out}/cascade.safetensors")
+    bdist.barrier()  # the checkpoint is complete before any process returns
     return 0
 
 

@@ -89,18 +89,28 @@ class RNAVAE(nn.Module):
         """z: (batch, latent_dim) -> (batch, n_genes) z-scored reconstruction."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                eps: Optional[torch.Tensor] = None):
+        """x: (batch, n_genes) -> recon (batch, n_genes), mu, logvar (batch, latent_dim).
+
+        In training, z = mu + eps * sigma with ``eps`` (batch, latent_dim) when given (the trainer
+        draws it for the whole global batch under torchrun), else drawn from ``generator``.
+        """
         mu, logvar = self.encode(x)
         if self.training:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + eps * (0.5 * logvar).exp()
+            if eps is None:
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            elif eps.shape != mu.shape:
+                raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
+            z = mu + eps.to(mu) * (0.5 * logvar).exp()
         else:
             z = mu
         return self.decode(z), mu, logvar
 
-    def loss(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+             eps: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """x: (batch, n_genes) -> dict(loss, mse, kl) (scalars; kl is the per-sample mean)."""
-        recon, mu, logvar = self(x, generator)
+        recon, mu, logvar = self(x, generator, eps)
         mse = F.mse_loss(recon, x)
         kl = kl_divergence(mu, logvar).mean()
         return {"loss": mse + self.config.beta * kl, "mse": mse, "kl": kl}
@@ -266,12 +276,24 @@ class RNAEncoder:
 
     @classmethod
     def fit(cls, adata, config: Optional[RNAVAEConfig] = None, train: Optional[VAETrainConfig] = None,
-            log=None, **config_kw) -> tuple["RNAEncoder", VAEHistory]:
+            log=None, device: str | torch.device | None = None, **config_kw) -> tuple["RNAEncoder", VAEHistory]:
         """Train on AnnData (X = log expression, one row per sample).
 
         The z-score statistics come from the training split only. Returns the encoder with the
-        best-validation weights and the :class:`VAEHistory`.
+        best-validation weights (on the CPU) and the :class:`VAEHistory`.
+
+        Runs unchanged under ``torchrun --nproc_per_node N`` (see :mod:`biogen.distributed`):
+        ``train.batch_size`` is the *global* batch; every rank draws the same permutation and the
+        reparameterisation noise of the whole global batch and trains on its contiguous part, under
+        DistributedDataParallel. BatchNorm keeps per-rank batch statistics (SyncBatchNorm has no CPU
+        implementation in PyTorch): a step on N ranks equals one process averaging the losses of N
+        "ghost" sub-batches, each normalised by its own statistics; the running statistics are rank
+        0's, broadcast before every evaluation. Train/validation/test losses are exact sums over the
+        ranks' shards; early stopping acts on them, so all ranks stop together. ``log`` is called on
+        rank 0 only. ``device``: default this rank's GPU under torchrun with NCCL, else the CPU.
         """
+        from .. import distributed as bdist
+
         tc = train or VAETrainConfig()
         X = _check_matrix(_dense(adata.X))
         cfg = config or RNAVAEConfig(n_genes=X.shape[1], **config_kw)
@@ -285,6 +307,14 @@ class RNAEncoder:
         split = stratified_split(len(X), labels, tc.val_fraction, tc.test_fraction, tc.seed)
         if len(split["train"]) < 2 or len(split["val"]) < 1:
             raise ValueError(f"too few samples ({len(X)}) for a train/val split")
+        bdist.init()
+        world = bdist.world_size()
+        if tc.batch_size < 2 * world:
+            raise ValueError(f"batch_size ({tc.batch_size}) is the global batch: with {world} processes it must be "
+                             f">= {2 * world} (BatchNorm needs 2 samples per process)")
+        if len(split["train"]) < 2 * world:
+            raise ValueError(f"{len(split['train'])} training samples cannot give each of {world} processes 2")
+        dev = torch.device(device) if device is not None else (bdist.device() if world > 1 else torch.device("cpu"))
         mean = X[split["train"]].mean(0)
         std = X[split["train"]].std(0)
         std = np.where(std < 1e-6, 1.0, std).astype(np.float32)  # constant genes: leave them at 0
@@ -292,7 +322,8 @@ class RNAEncoder:
         enc = cls(RNAVAE(cfg), list(map(str, adata.var_names)), mean, std)
         Z = torch.from_numpy(enc.zscore(X).astype(np.float32))
         xtr, xva = Z[split["train"]], Z[split["val"]]
-        model = enc.module
+        model = enc.module.to(dev)
+        loss_fn = bdist.wrap_loss(model, lambda m, xb, eps: m.loss(xb, eps=eps))
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         steps_per_epoch = max(1, math.ceil(len(xtr) / tc.batch_size))
         total, warm = tc.epochs * steps_per_epoch, tc.warmup_epochs * steps_per_epoch
@@ -310,23 +341,29 @@ class RNAEncoder:
         for epoch in range(tc.epochs):
             model.train()
             perm = torch.randperm(len(xtr), generator=g)
-            tot, n = 0.0, 0
+            sums = np.zeros(2)  # sum of per-sample losses, samples
             for i in range(0, len(xtr), tc.batch_size):
-                idx = perm[i:i + tc.batch_size]
-                if len(idx) < 2:  # BatchNorm cannot train on one sample
-                    continue
-                out = model.loss(xtr[idx], g)
+                n_glob = min(tc.batch_size, len(xtr) - i)
+                if n_glob < 2 * world:  # BatchNorm cannot train on one sample (per process)
+                    break
+                part, scale = bdist.rank_share(n_glob, min_per_rank=2)
+                idx = perm[i:i + n_glob][part]
+                # The noise of the whole global batch, drawn as one process draws it (same generator
+                # state on every rank): N ranks train on exactly the noise one process would use.
+                eps = torch.randn((n_glob, cfg.latent_dim), generator=g)[part]
+                out = loss_fn(xtr[idx].to(dev), eps.to(dev))
                 opt.zero_grad()
-                out["loss"].backward()
+                (out["loss"] * scale if scale != 1.0 else out["loss"]).backward()
                 opt.step()
                 sched.step()
-                tot += float(out["loss"].detach()) * len(idx)
-                n += len(idx)
+                sums += (float(out["loss"].detach()) * len(idx), len(idx))
+            bdist.broadcast_buffers(model)  # rank 0's running statistics everywhere before evaluating
             val = enc._eval_loss(xva)
-            hist.train_loss.append(tot / max(n, 1))
+            sums = bdist.all_reduce_sum(sums)
+            hist.train_loss.append(float(sums[0] / max(sums[1], 1)))
             hist.val_loss.append(val)
             hist.lr.append(opt.param_groups[0]["lr"])
-            if log:
+            if log and bdist.is_main():
                 log(f"epoch {epoch + 1}/{tc.epochs} train {hist.train_loss[-1]:.4f} val {val:.4f}")
             if val < best - 1e-6:
                 best, best_state, bad, hist.best_epoch = val, copy.deepcopy(model.state_dict()), 0, epoch
@@ -339,14 +376,33 @@ class RNAEncoder:
             model.load_state_dict(best_state)
         if len(split["test"]):
             hist.test_loss = enc._eval_loss(Z[split["test"]])
-        model.eval()
+        model.cpu().eval()
         return enc, hist
 
     @torch.no_grad()
     def _eval_loss(self, x: torch.Tensor) -> float:
+        """Mean loss over the rows of ``x`` (n, n_genes), deterministic (latent means).
+
+        Under torchrun each rank evaluates its contiguous shard and the per-sample sums are added
+        across ranks (identical result on every rank).
+        """
+        from .. import distributed as bdist
+
         self.module.eval()
-        recon, mu, logvar = self.module(x)
-        return float(F.mse_loss(recon, x) + self.module.config.beta * kl_divergence(mu, logvar).mean())
+        dev = next(self.module.parameters()).device
+        if bdist.world_size() == 1:
+            x = x.to(dev)
+            recon, mu, logvar = self.module(x)
+            return float(F.mse_loss(recon, x) + self.module.config.beta * kl_divergence(mu, logvar).mean())
+        shard = np.array_split(np.arange(len(x)), bdist.world_size())[bdist.rank()]
+        xs = x[shard].to(dev)
+        s = np.zeros(2)
+        if len(xs):
+            recon, mu, logvar = self.module(xs)
+            per = (recon - xs).pow(2).mean(1) + self.module.config.beta * kl_divergence(mu, logvar)
+            s[:] = float(per.double().sum()), len(xs)
+        s = bdist.all_reduce_sum(s)
+        return float(s[0] / s[1])
 
     # ------------------------------------------------------------------ checkpoints
 
