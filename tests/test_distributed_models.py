@@ -179,7 +179,7 @@ def test_pumamednet_two_processes_match_one(tmp_path, finetune):
     two, one = tmp_path / "two", tmp_path / "one"
     r = _run2(PUMA_ARGS + data + ["--out", str(two)], two, tmp_path)
     assert r.stdout.count("trained on") == 1
-    assert {p.name for p in two.iterdir()} == {"model", "history.json", "reconstructions.png"}
+    assert {p.name for p in two.iterdir()} == {"model", "history.json", "reconstructions.png", "checkpoint"}
     _cli(PUMA_ARGS + data + ["--out", str(one)])
     # 15 training images, batch 8: global batches of 8 (4 + 4) and 7 (4 + 3) with random erasing,
     # blur, noise, warps and latent noise all drawn as one process draws them
@@ -201,6 +201,16 @@ def test_pumamednet_two_processes_match_one(tmp_path, finetune):
     for k in ("train_accuracy", "train_loss", "val_accuracy"):
         assert hb["classifier"][k] == pytest.approx(ha["classifier"][k], rel=1e-5, abs=1e-6), k
     assert hb["world_size"] == 2
+    if finetune:
+        return
+    # the 2-process checkpoint resumes in one process as the 1-process one does (a second VAE epoch)
+    for d in (one, two):
+        _cli([a if a != "1" or i != PUMA_ARGS.index("--epochs") + 1 else "2" for i, a in enumerate(PUMA_ARGS)]
+             + data + ["--out", str(d), "--resume"])
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
+    _assert_same({k: v for k, v in a.items() if k not in dead}, {k: v for k, v in b.items() if k not in dead},
+                 4e-5, "pumamednet resumed")
+    assert [h["epoch"] for h in json.loads((two / "history.json").read_text())["vae"]] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------ bad input

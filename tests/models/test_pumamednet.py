@@ -137,6 +137,29 @@ def test_finetune_updates_encoder_but_not_decoder():
     assert all(torch.equal(a, b) for a, b in zip(dec0, model.decoder.parameters()))
 
 
+def test_fit_vae_resumes_like_the_uninterrupted_run(tmp_path):
+    x = torch.from_numpy(make_synthetic_cxr(12, size=32, seed=2).images)
+    cfg = replace(TINY, batch_size=8, epochs=3)
+
+    def run(folder, epochs, resume=False):
+        torch.manual_seed(0)
+        model = PumaMedNet(cfg)
+        hist = fit_vae(model, x, epochs=epochs, checkpoint_dir=folder, resume=resume)
+        return model, hist
+
+    full, h_full = run(tmp_path / "full", 3)
+    run(tmp_path / "part", 2)
+    part, h_part = run(tmp_path / "part", 3, resume=True)  # 2 epochs from the checkpoint, then 1 more
+    assert [h["epoch"] for h in h_part] == [1, 2, 3]
+    assert h_part[-1]["loss"] == pytest.approx(h_full[-1]["loss"], rel=1e-6)
+    for (k, a), b in zip(full.state_dict().items(), part.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        fit_vae(PumaMedNet(cfg), x, epochs=1, checkpoint_dir=tmp_path / "full")
+    with pytest.raises(ValueError, match=r"another configuration .*beta: 4\.0 vs 1\.0"):
+        fit_vae(PumaMedNet(replace(cfg, beta=1.0)), x, checkpoint_dir=tmp_path / "full", resume=True)
+
+
 # --------------------------------------------------------------------------------- explanations
 @pytest.mark.parametrize("channels", [1, 3])
 def test_traversal_grid_shapes(channels, tmp_path):

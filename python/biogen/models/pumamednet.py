@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoint import load_training_state, save_training_state
 
 __all__ = [
     "PumaMedNetConfig", "PRESETS", "PumaMedNet", "VAELoss", "beta_vae_loss", "kl_diag_gaussian",
@@ -531,11 +534,20 @@ class _Parts(nn.Module):
                 self.add_module(k, m)
 
 
+def _resumable(cfg: PumaMedNetConfig) -> dict:
+    """What a resumed run must share with its checkpoint: everything but the number of epochs."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "epochs"}
+
+
 def fit_vae(model: PumaMedNet, images: torch.Tensor, *, epochs: Optional[int] = None,
-            gen: Optional[torch.Generator] = None, log: Optional[list] = None) -> list[dict]:
+            gen: Optional[torch.Generator] = None, log: Optional[list] = None,
+            checkpoint_dir: Optional[str] = None, resume: bool = False) -> list[dict]:
     """Train the denoising beta-VAE (and attention head) on images (n, c, s, s) in [-1, 1].
 
     Returns one dict of mean losses per epoch (also appended to ``log`` if given).
+    ``checkpoint_dir``: after every epoch write weights, optimizer, generator state and history there
+    (see :mod:`biogen.checkpoint`); ``resume=True`` continues from it (with the same configuration)
+    and repeats what the uninterrupted run would have done.
 
     Runs unchanged under ``torchrun --nproc_per_node N`` (see :mod:`biogen.distributed`): ``cfg.batch_size``
     is the *global* batch; every rank draws the same permutation and the corruption and latent
@@ -566,9 +578,19 @@ def fit_vae(model: PumaMedNet, images: torch.Tensor, *, epochs: Optional[int] = 
     loss_fn = bdist.wrap_loss(_Parts(encoder=model.encoder, decoder=model.decoder,
                                      attention_head=model.attention_head), vae_loss)
     history = log if log is not None else []
+    start = 0
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        state = load_training_state(checkpoint_dir, modules={"model": model}, optimizers={"opt": opt},
+                                    generators={"gen": gen}, config=_resumable(cfg))
+        start = state["epoch"]
+        history.extend(state["history"])
+    elif checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
+        raise FileExistsError(f"{checkpoint_dir} already holds a checkpoint: pass resume=True or another folder")
     model.train()
     n = images.shape[0]
-    for ep in range(epochs if epochs is not None else cfg.epochs):
+    for ep in range(start, epochs if epochs is not None else cfg.epochs):
         perm = torch.randperm(n, generator=gen)
         sums = np.zeros(5)  # loss, recon, kl, attention (each times the images), images
         for i in range(0, n, cfg.batch_size):
@@ -593,6 +615,10 @@ def fit_vae(model: PumaMedNet, images: torch.Tensor, *, epochs: Optional[int] = 
         sums = bdist.all_reduce_sum(sums)
         history.append({"epoch": ep + 1, **{k: float(v / sums[4]) for k, v in
                                             zip(("loss", "recon", "kl", "attention"), sums[:4])}})
+        if checkpoint_dir is not None:
+            save_training_state(checkpoint_dir, modules={"model": model}, optimizers={"opt": opt},
+                                generators={"gen": gen},
+                                state={"epoch": ep + 1, "history": history[-(ep + 1):], "config": _resumable(cfg)})
     model.eval()
     return history
 

@@ -40,8 +40,10 @@ def _skipped(folder) -> list[dict]:
     return [{"path": str(p), "reason": why} for p, why in folder.skipped]
 
 
-def _train(data, out: Path, cfg, device, val_fraction: float) -> dict:
+def _train(data, out: Path, cfg, device, val_fraction: float, resume: bool = False) -> dict:
     """Train on an image folder; write model/, history.json and reconstructions.png into ``out``.
+
+    The VAE's checkpoint goes to ``out/checkpoint`` after every epoch; ``resume`` continues from it.
 
     Under torchrun every process trains (DDP) and evaluates its shard of the validation split; only
     rank 0 writes.
@@ -65,7 +67,7 @@ def _train(data, out: Path, cfg, device, val_fraction: float) -> dict:
         raise ValueError("the training split holds a single class; add images or lower --val-fraction")
     torch.manual_seed(cfg.seed)
     model = PumaMedNet(cfg, folder.classes).to(device)
-    history = fit_vae(model, x[tr].to(device))
+    history = fit_vae(model, x[tr].to(device), checkpoint_dir=out / "checkpoint", resume=resume)
     clf = fit_classifier(model, x[tr].to(device), y[tr].to(device))
     if n_val:
         if bdist.world_size() == 1:
@@ -110,9 +112,14 @@ def _cmd_train(args) -> int:
 
     cfg = _config_from_args(args)
     dev = _device(args.device)
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    if args.resume:
+        out = Path(args.out)
+        if not (out / "checkpoint" / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume: {out / 'checkpoint'} holds no checkpoint of an earlier 'train'")
+    else:
+        out = prepare_output_dir(args.out, overwrite=args.overwrite)
     bdist.barrier()  # every process has checked the folder before rank 0 writes into it
-    s = _train(args.data, out, cfg, dev, args.val_fraction)
+    s = _train(args.data, out, cfg, dev, args.val_fraction, resume=args.resume)
     bdist.barrier()
     acc = s["classifier"].get("val_accuracy")
     print(f"trained on {s['n_train']} image(s), classes {s['classes']}; train accuracy "
@@ -317,6 +324,8 @@ def add_cli(sub) -> None:
     p.add_argument("--finetune", action="store_true", help="fine-tune the encoder with the classifier")
     p.add_argument("--no-attention", action="store_true", help="unweighted reconstruction loss (no attention head)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (default 0.2)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/checkpoint (same data and options; any number of processes)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.set_defaults(func=_cmd_train)
 
