@@ -74,7 +74,8 @@ def test_vae_two_processes_take_the_ghost_batch_step(rna, vae_two):
     root, toy = rna
     out, r = vae_two
     assert r.stdout.count("VAE trained") == 1
-    assert {p.name for p in out.iterdir()} == {"vae.safetensors", "latents.h5ad", "latents_pca.png", "history.json"}
+    assert {p.name for p in out.iterdir()} == {"vae.safetensors", "latents.h5ad", "latents_pca.png", "history.json",
+                                               "checkpoint"}
     hist = json.loads((out / "history.json").read_text())
     enc = RNAEncoder.load(out / "vae.safetensors")
     tr = np.asarray(hist["split"]["train"])

@@ -121,6 +121,33 @@ def test_zscore_fitted_on_train_split_saved_and_reused(encoder, toy, tmp_path):
     np.testing.assert_allclose(adata.obsm["X_test"], enc.encode(toy.adata), rtol=1e-5, atol=1e-6)
 
 
+def test_vae_resumes_like_the_uninterrupted_run(toy, tmp_path):
+    cfg = RNAVAEConfig(n_genes=120, hidden=(32, 16), latent_dim=LATENT)
+
+    tc = VAETrainConfig(epochs=6, batch_size=16, lr=3e-3, warmup_epochs=1, patience=3)
+    full, h_full = RNAEncoder.fit(toy.adata, cfg, tc, checkpoint_dir=tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_4(msg):
+        if msg.startswith("epoch 4/"):
+            raise Crash  # before epoch 4's checkpoint: the folder holds epoch 3's
+
+    with pytest.raises(Crash):
+        RNAEncoder.fit(toy.adata, cfg, tc, log=crash_in_epoch_4, checkpoint_dir=tmp_path / "part")
+    part, h_part = RNAEncoder.fit(toy.adata, cfg, tc, checkpoint_dir=tmp_path / "part", resume=True)
+    assert len(h_part.val_loss) == len(h_full.val_loss) > 3
+    assert h_part.val_loss == pytest.approx(h_full.val_loss, rel=1e-6)
+    assert (h_part.best_epoch, h_part.stopped_early) == (h_full.best_epoch, h_full.stopped_early)
+    for (k, a), b in zip(full.module.state_dict().items(), part.module.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    with pytest.raises(ValueError, match=r"another configuration"):
+        RNAEncoder.fit(toy.adata, RNAVAEConfig(n_genes=120, hidden=(32, 8), latent_dim=LATENT),
+                       VAETrainConfig(epochs=6, batch_size=16, warmup_epochs=1, patience=2),
+                       checkpoint_dir=tmp_path / "full", resume=True)
+
+
 def test_vae_bad_input(encoder, toy):
     enc, _ = encoder
     X = np.asarray(toy.adata.X).copy()

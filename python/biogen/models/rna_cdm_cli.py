@@ -278,7 +278,12 @@ def _output_dir(args) -> Path:
     from ..utils import prepare_output_dir
 
     bdist.init()
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    if getattr(args, "resume", None) is True:  # train-vae --resume: the folder of the interrupted run
+        out = Path(args.out)
+        if not (out / "checkpoint" / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume: {out / 'checkpoint'} holds no checkpoint of an earlier train-vae")
+    else:
+        out = prepare_output_dir(args.out, overwrite=args.overwrite)
     bdist.barrier()
     return out
 
@@ -298,7 +303,7 @@ def _cmd_train_vae(args) -> int:
         RNAVAEConfig(n_genes=adata.n_vars, hidden=tuple(args.hidden), latent_dim=args.latent, beta=args.beta),
         VAETrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                        patience=args.patience, label_key=label, seed=args.seed),
-        log=print if args.verbose else None,
+        log=print if args.verbose else None, checkpoint_dir=out / "checkpoint", resume=args.resume,
     )
     if not bdist.is_main():
         return 0
@@ -455,6 +460,8 @@ def add_cli(sub) -> None:
     q.add_argument("--obsm-key", default="X_rnavae", help="obsm key for the latents (default X_rnavae)")
     q.add_argument("--plot", choices=["umap", "pca", "none"], default="umap", help="latent plot (default umap)")
     q.add_argument("--verbose", action="store_true", help="print the loss of every epoch")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/checkpoint "
+                   "(written after every epoch; same data and options, --epochs may grow)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_train_vae)
 

@@ -12,6 +12,7 @@ I/O (latents to ``adata.obsm``), training and checkpoints.
 from __future__ import annotations
 
 import copy
+import os
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_training_state, save_training_state
 from ..utils import atomic_path
 
 __all__ = ["RNAVAE", "RNAVAEConfig", "RNAEncoder", "VAETrainConfig", "VAEHistory", "kl_divergence",
@@ -276,7 +278,8 @@ class RNAEncoder:
 
     @classmethod
     def fit(cls, adata, config: Optional[RNAVAEConfig] = None, train: Optional[VAETrainConfig] = None,
-            log=None, device: str | torch.device | None = None, **config_kw) -> tuple["RNAEncoder", VAEHistory]:
+            log=None, device: str | torch.device | None = None, checkpoint_dir: Optional[str] = None,
+            resume: bool = False, **config_kw) -> tuple["RNAEncoder", VAEHistory]:
         """Train on AnnData (X = log expression, one row per sample).
 
         The z-score statistics come from the training split only. Returns the encoder with the
@@ -291,6 +294,11 @@ class RNAEncoder:
         0's, broadcast before every evaluation. Train/validation/test losses are exact sums over the
         ranks' shards; early stopping acts on them, so all ranks stop together. ``log`` is called on
         rank 0 only. ``device``: default this rank's GPU under torchrun with NCCL, else the CPU.
+
+        ``checkpoint_dir``: after every epoch write the weights, the best weights so far, optimizer,
+        LR schedule, generator and history there (:mod:`biogen.checkpoint`); ``resume=True``
+        continues from it (same data and settings; ``epochs`` may grow) and repeats what the
+        uninterrupted run would have done.
         """
         from .. import distributed as bdist
 
@@ -338,7 +346,24 @@ class RNAEncoder:
         g = torch.Generator().manual_seed(tc.seed)
         hist = VAEHistory(split={k: v.tolist() for k, v in split.items()})
         best, best_state, bad = float("inf"), None, 0
-        for epoch in range(tc.epochs):
+        resumable = {"model": asdict(cfg), "train": {k: v for k, v in asdict(tc).items() if k != "epochs"},
+                     "genes": enc.genes}
+        start = 0
+        if resume:
+            if checkpoint_dir is None:
+                raise ValueError("resume=True needs checkpoint_dir")
+            best_state = {}
+            state = load_training_state(checkpoint_dir, modules={"model": model, "best": best_state},
+                                        optimizers={"opt": opt, "sched": sched}, generators={"g": g},
+                                        config=resumable)
+            start, best, bad = state["epoch"], state["best"], state["bad"]
+            hist = VAEHistory(**state["history"])
+            best_state = best_state or None
+        elif checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "trainer_state.json")):
+            raise FileExistsError(f"{checkpoint_dir} already holds a checkpoint: pass resume=True or another folder")
+        for epoch in range(start, tc.epochs):
+            if hist.stopped_early:
+                break
             model.train()
             perm = torch.randperm(len(xtr), generator=g)
             sums = np.zeros(2)  # sum of per-sample losses, samples
@@ -371,7 +396,11 @@ class RNAEncoder:
                 bad += 1
                 if bad >= tc.patience:
                     hist.stopped_early = True
-                    break
+            if checkpoint_dir is not None:
+                save_training_state(checkpoint_dir, modules={"model": model, "best": best_state or {}},
+                                    optimizers={"opt": opt, "sched": sched}, generators={"g": g},
+                                    state={"epoch": epoch + 1, "best": best, "bad": bad, "history": asdict(hist),
+                                           "config": resumable})
         if best_state is not None:
             model.load_state_dict(best_state)
         if len(split["test"]):
