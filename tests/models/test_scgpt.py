@@ -240,31 +240,6 @@ def test_cells_without_expressed_genes_still_predict(data):
     assert out.obsm["scgpt_proba"].shape == (6, 3)
 
 
-def test_backed_h5ad_trains_and_predicts_like_in_memory(data, tmp_path, backed):
-    import anndata as ad
-
-    a = _small(data, 40)
-    on_file = backed(a)
-    kw = dict(epochs=1, batch_size=8, validation_fraction=0.25, progress=False)
-    torch.manual_seed(0)
-    on_disk = ScGPT(on_file, label_key="cell_type", **TINY, device="cpu")
-    torch.manual_seed(0)
-    in_mem = ScGPT(a, label_key="cell_type", **TINY, device="cpu")
-    h_disk, h_mem = on_disk.fit(**kw), in_mem.fit(**kw)
-    assert h_disk[0] == pytest.approx(h_mem[0])
-    for k, v in in_mem.module.state_dict().items():
-        torch.testing.assert_close(on_disk.module.state_dict()[k], v, rtol=0, atol=0)
-    on_disk.predict(on_file)
-    in_mem.predict(a)
-    np.testing.assert_allclose(on_file.obsm["scgpt_proba"], a.obsm["scgpt_proba"], rtol=1e-5, atol=1e-6)
-    # a negative count in the file is found block by block, before any work
-    bad = a.copy()
-    bad.X.data[7] = -1
-    bad.write_h5ad(tmp_path / "bad.h5ad")
-    with pytest.raises(ValueError, match="negative values"):
-        ScGPT(ad.read_h5ad(tmp_path / "bad.h5ad", backed="r"), label_key="cell_type", **TINY, device="cpu")
-
-
 def _write_shards(a, folder):
     import scipy.sparse as sp
 
