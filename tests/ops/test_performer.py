@@ -330,15 +330,16 @@ def test_all_padding_cell_gives_zeros(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_non_contiguous_inputs(backend):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=32)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_non_contiguous_inputs(backend, causal):
+    dev = require(OP, backend, dtype=torch.float32, head_dim=32, causal=causal)
     B, L, H, D = (1, 17, 2, 32) if interpreted(backend) else (2, 101, 3, 32)
     qkv = torch.randn(B, L, 3, H, D, device=dev)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     assert not q.is_contiguous()
     _, _, _, w, pad = make_inputs(B, H, L, D, 37, device=dev)
-    out = performer_attention(q, k, v, w, key_padding_mask=pad, backend=backend)
-    assert max_err(out, truth(q, k, v, w, pad, False, "softmax")) < 2e-5
+    out = performer_attention(q, k, v, w, key_padding_mask=pad, causal=causal, backend=backend)
+    assert max_err(out, truth(q, k, v, w, pad, causal, "softmax")) < 2e-5
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
