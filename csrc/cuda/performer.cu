@@ -440,7 +440,7 @@ __device__ void chunk_output_grads(const Args& a, const Chunk& c, const T* out, 
   __syncthreads();
 }
 
-// In place on E: G = dphi * dphi/d(s x.W) (dphi given in Gf); then dx rows (float32, contiguous).
+// dx rows (float32, contiguous) from G = dphi * dphi/d(s x.W), already in E (chain applied).
 __device__ void chunk_input_grad(const Args& a, const Chunk& c, const float* X, float* E, int n, float* dst) {
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     float gs = 0.f;
