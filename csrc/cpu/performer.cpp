@@ -646,11 +646,33 @@ struct CausalTile {
   }
 };
 
+// The key stabiliser alone: max over valid keys and features of s k.W_f per (b, h), from the same
+// projections as all_key_states (so the same values), without its exp and state sums. 0 for relu
+// and for a (b, h) with no valid key. Tiles in parallel; a max does not depend on their order.
 template <class S>
-void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const typename S::T* v, const Strides& st,
-                        int threads, std::vector<float>& cst) {
-  std::vector<float> C, z;
-  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const Strides& st, int threads,
+                        std::vector<float>& cst) {
+  const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
+  cst.assign(BH, 0.f);
+  if (P.relu) return;
+  std::vector<float> part((size_t)BH * nchunks, -std::numeric_limits<float>::infinity());
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * nchunks; ++task) {
+      const int bh = (int)(task / nchunks), b = bh / P.H, h = bh % P.H, t0 = (int)(task % nchunks) * kTile;
+      const int n = tile_rows(P, b, t0, w.idx.data());
+      if (n == 0) continue;
+      P.load(k, st.k[0], st.k[1], st.k[2], b, h, w.idx.data(), n, w.X.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      for (int t = 0; t < n; ++t) part[task] = std::max(part[task], P.row_max(w.F.data() + (int64_t)t * P.Mp));
+    }
+  }
+  for (int bh = 0; bh < BH; ++bh) {
+    const float c = *std::max_element(part.begin() + (size_t)bh * nchunks, part.begin() + (size_t)(bh + 1) * nchunks);
+    cst[bh] = std::isfinite(c) ? c : 0.f;
+  }
 }
 
 inline void add_rows(float* acc, const float* P, int n, int ld, int cols) {  // acc[cols] += sum of n rows
@@ -662,7 +684,7 @@ template <class S>
 void fwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
                 typename S::T* out, float* ck, const Strides& st, int threads) {
   std::vector<float> cst;
-  causal_stabilisers(P, k, v, st, threads, cst);
+  causal_stabilisers(P, k, st, threads, cst);
   const int BH = P.B * P.H;
 #pragma omp parallel num_threads(threads)
   {
@@ -703,7 +725,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
                 const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
                 const Strides& st, int threads) {
   std::vector<float> cst;
-  causal_stabilisers(P, k, v, st, threads, cst);
+  causal_stabilisers(P, k, st, threads, cst);
   const int BH = P.B * P.H;
   const size_t MD = (size_t)P.Mp * P.Dp;
   std::vector<float> den_all((size_t)BH * P.L, 1.f);

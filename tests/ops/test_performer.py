@@ -357,13 +357,16 @@ def test_deterministic(backend, causal):
         assert torch.equal(a, b)
 
 
-def test_key_stabiliser_is_per_batch_and_head_over_valid_keys():
-    q, k, v, w, pad = make_inputs(2, 3, 20, 8, 11)
-    for backend in ("torch", "cpu") if "cpu" in OP.reasons else ("torch",):
-        _, ck = _fwd_op(q, k, v, w, pad, False, False, 1e-4, backend)
-        dd = (k * 8 ** -0.25) @ w.t()
-        expected = dd.masked_fill(pad[:, None, :, None], -math.inf).amax(dim=(-1, -2))
-        assert ck.shape == (2, 3)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_stabiliser_is_per_batch_and_head_over_valid_keys(causal):
+    q, k, v, w, pad = make_inputs(3, 3, 150, 8, 11)
+    pad[2] = True  # a cell with no valid key: stabiliser 0
+    dd = (k * 8 ** -0.25) @ w.t()
+    expected = dd.masked_fill(pad[:, None, :, None], -math.inf).amax(dim=(-1, -2))
+    expected = torch.where(torch.isfinite(expected), expected, 0)
+    for backend in [b for b in ("torch", "cpu", "triton") if b in OP.reasons]:
+        _, ck = _fwd_op(q, k, v, w, pad, causal, False, 1e-4, backend)
+        assert ck.shape == (3, 3)
         torch.testing.assert_close(ck, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -196,8 +196,8 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
         strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3]]
         _C.performer_bwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
                               out.data_ptr(), grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                              _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides, _cuda_flags(relu, causal),
-                              float(eps), cuda_stream(q))
+                              _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides,
+                              _cuda_flags(relu, causal), float(eps), cuda_stream(q))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     _C.performer_bwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
