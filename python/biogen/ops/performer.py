@@ -339,7 +339,8 @@ def performer_attention(
     projection : (nb_features, head_dim) random feature matrix, e.g. from
         :func:`gaussian_orthogonal_random_matrix`. Receives no gradient.
     key_padding_mask : (batch, length) bool, True = padding, optional.
-    causal : prefix attention (query i sees keys j <= i).
+    causal : prefix attention (query i sees keys j <= i), on every backend as chunked prefix sums
+        (Triton: at most 256 random features; CUDA: one chunk row must fit 46 KB of shared memory).
     kernel : 'softmax' (positive random features, FAVOR+) or 'relu' (generalized attention).
     eps : feature epsilon; default as performer-pytorch: 1e-4 for softmax, 1e-3 for relu.
     backend : 'cuda', 'triton', 'cpu', 'torch' or 'auto'; see :mod:`biogen.ops`.
