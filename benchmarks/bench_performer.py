@@ -4,6 +4,11 @@ Shape from scBERT (SPEC 1.2): heads 10, length 16,907 genes (16,906 + <cls>), he
 m = int(64 ln 64) = 266 random features, float32, batch 1 and 4. One run measures, forward and
 forward + backward (gradients for q, k, v):
 
+The causal case (``test_performer_causal``) uses batch 1, heads 10, head_dim 64, m = 266 and a
+length of 4,096 (``BIOGEN_BENCH_CAUSAL_LENGTH``): performer-pytorch without its CUDA extension runs
+``causal_linear_attention_noncuda``, whose per-chunk (tokens, m, head_dim) context cumsums autograd
+keeps for the backward (several GB at this length), so scBERT's 16,907 would not fit in memory.
+
 - ``performer-pytorch``: ``FastAttention`` (the baseline; skipped with a reason if not installed);
 - ``biogen``: :func:`biogen.ops.performer_attention` on the default backend (C++ on a CPU);
 - ``biogen-torch``: the same op on the pure-PyTorch reference backend.
@@ -16,11 +21,13 @@ Run:  PYTHONPATH=python python -m pytest benchmarks/bench_performer.py --benchma
 Env:  BIOGEN_BENCH_ROUNDS (default 2), BIOGEN_BENCH_BATCHES (default "1,4"),
       BIOGEN_BENCH_IMPLS (default all three, comma-separated; the reference backend at batch 4
       forward+backward materialises several 0.7 GB feature tensors and takes minutes on 2 cores),
-      BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
+      BIOGEN_BENCH_DEVICE (default cuda if available else cpu),
+      BIOGEN_BENCH_CAUSAL_LENGTH (default 4096).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -34,11 +41,22 @@ from biogen.ops import gaussian_orthogonal_random_matrix, performer_attention
 HEADS, LENGTH, HEAD_DIM = 10, 16907, 64
 NB_FEATURES = int(HEAD_DIM * math.log(HEAD_DIM))
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_BATCHES", "1,4").split(",")]
+CAUSAL_LENGTH = int(os.environ.get("BIOGEN_BENCH_CAUSAL_LENGTH", "4096"))
 ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "2"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 IMPLS = ("performer-pytorch", "biogen", "biogen-torch")  # baseline first: the others report ratios
 IMPLS_RUN = os.environ.get("BIOGEN_BENCH_IMPLS", ",".join(IMPLS)).split(",")
 _BASELINE: dict = {}
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc): after the warm-up call glibc's raised mmap
+    threshold keeps blocks up to 32 MB on the heap, and a measured call reusing them would show no
+    RSS growth at all."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss() -> int:
@@ -55,6 +73,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _malloc_trim()
             self.base = self.peak = _rss()
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -76,30 +95,31 @@ class _PeakMemory:
             self.extra = self.peak - self.base
 
 
-def _baseline_module(projection):
+def _baseline_module(projection, causal=False):
     try:
         from performer_pytorch import FastAttention
     except ImportError as exc:
         pytest.skip(f"performer-pytorch is not importable ({exc}); pip install performer-pytorch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fa = FastAttention(HEAD_DIM, nb_features=NB_FEATURES)
+        # causal without fast_transformers' CUDA extension: causal_linear_attention_noncuda
+        fa = FastAttention(HEAD_DIM, nb_features=NB_FEATURES, causal=causal)
     fa.projection_matrix.copy_(projection)
     return fa.to(DEVICE)
 
 
-def _make_fn(impl, batch, backward):
+def _make_fn(impl, batch, backward, length=LENGTH, causal=False):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, HEADS, LENGTH, HEAD_DIM, generator=g).to(DEVICE) for _ in range(3))
+    q, k, v = (torch.randn(batch, HEADS, length, HEAD_DIM, generator=g).to(DEVICE) for _ in range(3))
     w = gaussian_orthogonal_random_matrix(NB_FEATURES, HEAD_DIM, generator=g, device=DEVICE)
     if backward:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     if impl == "performer-pytorch":
-        fa = _baseline_module(w)
+        fa = _baseline_module(w, causal)
         attn = lambda: fa(q, k, v)  # noqa: E731
     else:
         backend = "torch" if impl == "biogen-torch" else None
-        attn = lambda: performer_attention(q, k, v, w, backend=backend)  # noqa: E731
+        attn = lambda: performer_attention(q, k, v, w, causal=causal, backend=backend)  # noqa: E731
 
     def run():
         if backward:
@@ -116,6 +136,24 @@ def _make_fn(impl, batch, backward):
     return run
 
 
+def _measure(benchmark, impl, key, run, group, **info):
+    run()  # warm-up: first-call costs (allocator arenas, thread pools, lazy imports) are not the op's
+    with _PeakMemory() as mem:
+        run()
+    benchmark.group = group
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    mean = benchmark.stats.stats.mean
+    extra = benchmark.extra_info
+    extra.update(impl=impl, peak_extra_mib=round(mem.extra / 2**20, 1), device=str(DEVICE),
+                 threads=torch.get_num_threads(), **info)
+    if impl == IMPLS[0]:
+        _BASELINE[key] = (mean, mem.extra)
+    elif key in _BASELINE:
+        base_t, base_mem = _BASELINE[key]
+        extra["speedup_vs_performer_pytorch"] = round(base_t / mean, 2)
+        extra["peak_memory_fraction_of_performer_pytorch"] = round(mem.extra / max(base_mem, 1), 3)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
@@ -123,19 +161,15 @@ def test_performer_scbert_shape(benchmark, impl, batch, pass_):
     if impl not in IMPLS_RUN:
         pytest.skip(f"{impl} not in BIOGEN_BENCH_IMPLS")
     run = _make_fn(impl, batch, pass_ == "forward+backward")
-    run()  # warm-up: first-call costs (allocator arenas, thread pools, lazy imports) are not the op's
-    with _PeakMemory() as mem:
-        run()
-    benchmark.group = f"performer B={batch} H={HEADS} L={LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-    mean = benchmark.stats.stats.mean
-    info = benchmark.extra_info
-    info.update(impl=impl, batch=batch, peak_extra_mib=round(mem.extra / 2**20, 1), device=str(DEVICE),
-                threads=torch.get_num_threads())
-    key = (batch, pass_)
-    if impl == IMPLS[0]:
-        _BASELINE[key] = (mean, mem.extra)
-    elif key in _BASELINE:
-        base_t, base_mem = _BASELINE[key]
-        info["speedup_vs_performer_pytorch"] = round(base_t / mean, 2)
-        info["peak_memory_fraction_of_performer_pytorch"] = round(mem.extra / max(base_mem, 1), 3)
+    group = f"performer B={batch} H={HEADS} L={LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"
+    _measure(benchmark, impl, (batch, pass_), run, group, batch=batch)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
+def test_performer_causal(benchmark, impl, pass_):
+    if impl not in IMPLS_RUN:
+        pytest.skip(f"{impl} not in BIOGEN_BENCH_IMPLS")
+    run = _make_fn(impl, 1, pass_ == "forward+backward", length=CAUSAL_LENGTH, causal=True)
+    group = f"performer causal B=1 H={HEADS} L={CAUSAL_LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"
+    _measure(benchmark, impl, ("causal", pass_), run, group, batch=1, causal=True, length=CAUSAL_LENGTH)

@@ -7,8 +7,9 @@
 // exist only one tile at a time. The exp part of C and z is accumulated apart from the eps part
 // (eps * sum_j v_j, eps * count): only the exp part is rescaled by exp(c_old - c_new) when the
 // running key max grows, which keeps the result exactly that of the global-max definition.
-// Causal: prefix sums token by token over an m x D state (it stays in L2), as in
-// performer-pytorch's causal_linear_attention_noncuda, including its 1e-6 in the denominator.
+// Causal: performer-pytorch's causal_linear_attention_noncuda (including its 1e-6 in the
+// denominator) computed as chunked prefix sums: kTile positions at a time, a C x C masked score
+// block inside the chunk plus an m x D state for the earlier ones (see the causal section).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -530,18 +531,53 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
 }
 
 // ----------------------------------------------------------------------------- causal
+//
+// Chunked prefix sums (as in "Transformers are RNNs" and chunked linear attention): positions are
+// taken kTile at a time; with A = tril(phi(Q_c) phi(K_c)^T) the chunk's own C x C scores,
+//   num_c = phi(Q_c) S + A V_c,   den_c = phi(Q_c) (z + 1e-6) + rowsum(A),
+// where S (m x D) and z (m) are sum phi(k_j) v_j^T and sum phi(k_j) over earlier chunks; then
+// S += phi(K_c)^T V_c. Every product is matrix-shaped (gemm_nn / gemm_tn_acc); features exist one
+// chunk at a time and are recomputed in the backward.
 
-// phi(q) (with its exp part in E) and phi(k) (exp part in Ek) of one tile; rows not valid are zero.
+// dst (cols x kTile) = src (n x cols, ld lds)^T; columns n.. of dst are zero.
+inline void transpose_rows(const float* src, int lds, int n, int cols, float* dst) {
+  for (int c = 0; c < cols; ++c) {
+    float* o = dst + (int64_t)c * kTile;
+    for (int r = 0; r < n; ++r) o[r] = src[(int64_t)r * lds + c];
+    for (int r = n; r < kTile; ++r) o[r] = 0.f;
+  }
+}
+
+// A[F x ncols] += X^T V for any ncols that is a multiple of 16 (gemm_tn_acc takes at most 8 vectors).
+void gemm_tn_acc_wide(const float* X, int ldx, int rows, int F, const float* V, int ldv, int ncols, float* A,
+                      int lda) {
+  for (int c = 0; c < ncols; c += 8 * kVec)
+    gemm_tn_acc(X, ldx, rows, F, V + c, ldv, std::min(8, (ncols - c) / kVec), A + c, lda);
+}
+
+// Keeps the lower (lower = true: j <= i) or upper (j >= i) triangle of an n x kTile score block.
+inline void keep_triangle(float* A, int n, bool lower) {
+  for (int i = 0; i < n; ++i) {
+    float* row = A + (int64_t)i * kTile;
+    if (lower)
+      std::fill(row + i + 1, row + kTile, 0.f);
+    else
+      std::fill(row, row + i, 0.f);
+  }
+}
+
+// One chunk's inputs and features; rows that are padding are zero in X, V, phi (never NaN).
 template <class S>
 struct CausalTile {
-  std::vector<float> Xq, Xk, V, Eq, Ek, Pq, Pk, dq, tmp, G, diag_q, diag_k, O, dO;
+  std::vector<float> Xq, Xk, V, Eq, Ek, Pq, Pk, dO, O, dnum, Y1, Y2, G1, G2, T1, T2, A, diag_q, diag_k, den, dden;
   std::vector<int> idx, valid;
   CausalTile(int Dp, int Mp)
       : Xq(kTile * Dp), Xk(kTile * Dp), V(kTile * Dp), Eq(kTile * Mp), Ek(kTile * Mp), Pq(kTile * Mp),
-        Pk(kTile * Mp), dq(kTile * Mp), tmp(kTile * Dp), G(kTile * Mp), diag_q(kTile), diag_k(kTile),
-        O(kTile * Dp), dO(kTile * Dp), idx(kTile), valid(kTile) {}
+        Pk(kTile * Mp), dO(kTile * Dp), O(kTile * Dp), dnum(kTile * Dp), Y1(kTile * Dp), Y2(kTile * Dp),
+        G1(kTile * Mp), G2(kTile * Mp), T1((size_t)Mp * kTile), T2((size_t)Dp * kTile), A(kTile * kTile),
+        diag_q(kTile), diag_k(kTile), den(kTile), dden(kTile), idx(kTile), valid(kTile) {}
 
-  // Loads rows t0.. of a tile (all positions, so row t is position t0 + t; padded rows zeroed).
+  // Rows t0 .. t0 + n of one (b, h): row t is position t0 + t.
   int fill(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
            const Strides& st, int b, int h, int t0, float ck) {
     const int n = std::min(kTile, P.L - t0);
@@ -552,9 +588,9 @@ struct CausalTile {
     P.load(q, st.q[0], st.q[1], st.q[2], b, h, idx.data(), n, Xq.data());
     P.load(k, st.k[0], st.k[1], st.k[2], b, h, idx.data(), n, Xk.data());
     P.load(v, st.v[0], st.v[1], st.v[2], b, h, idx.data(), n, V.data());
-    for (int t = 0; t < n; ++t)  // padding may hold anything (NaN): never let it reach the maths
-      if (!valid[t])
-        for (int d = 0; d < P.Dp; ++d) Xq[t * P.Dp + d] = Xk[t * P.Dp + d] = V[t * P.Dp + d] = 0.f;
+    zero_padding(P, n, Xq);
+    zero_padding(P, n, Xk);
+    zero_padding(P, n, V);
     P.projections(Xq.data(), n, Eq.data(), diag_q.data());
     P.exp_part(Eq.data(), diag_q.data(), n, nullptr);
     P.phi_from_e(Eq.data(), n, Pq.data());
@@ -562,39 +598,93 @@ struct CausalTile {
     P.exp_part(Ek.data(), diag_k.data(), n, &ck);
     P.phi_from_e(Ek.data(), n, Pk.data());
     for (int t = 0; t < n; ++t)
-      if (!valid[t]) std::fill(Pk.begin() + t * P.Mp, Pk.begin() + (t + 1) * P.Mp, 0.f);
+      if (!valid[t]) {
+        std::fill(Pq.begin() + t * P.Mp, Pq.begin() + (t + 1) * P.Mp, 0.f);
+        std::fill(Pk.begin() + t * P.Mp, Pk.begin() + (t + 1) * P.Mp, 0.f);
+      }
     return n;
+  }
+
+  // Padding may hold anything (NaN): never let it reach the maths.
+  void zero_padding(const Problem<S>& P, int n, std::vector<float>& X) const {
+    for (int t = 0; t < n; ++t)
+      if (!valid[t]) std::fill(X.begin() + t * P.Dp, X.begin() + (t + 1) * P.Dp, 0.f);
+  }
+
+  // A = tril(phi(Q_c) phi(K_c)^T) and den = phi(Q_c) (z + 1e-6) + rowsum(A) (1 on padding).
+  void scores_and_den(const Problem<S>& P, int n, const float* z) {
+    transpose_rows(Pk.data(), P.Mp, n, P.Mp, T1.data());
+    gemm_nn(Pq.data(), P.Mp, n, P.m, T1.data(), kTile, round_up(n, kVec), A.data(), kTile);
+    keep_triangle(A.data(), n, true);
+    for (int i = 0; i < n; ++i) {
+      if (!valid[i]) {
+        den[i] = 1.f;
+        continue;
+      }
+      const float* pq = Pq.data() + (int64_t)i * P.Mp;
+      float d = 0.f;
+      for (int f = 0; f < P.m; ++f) d += pq[f] * (z[f] + kCausalEps);
+      for (int j = 0; j <= i; ++j) d += A[(int64_t)i * kTile + j];
+      den[i] = d;
+    }
+  }
+
+  // dO and O of the chunk; dnum = dO / den, dden = -(dO . O) / den (0 on padding).
+  void output_grads(const Problem<S>& P, const typename S::T* out, const typename S::T* gout, const Strides& st,
+                    int b, int h, int n) {
+    P.load(gout, st.g[0], st.g[1], st.g[2], b, h, idx.data(), n, dO.data());
+    P.load(out, st.o[0], st.o[1], st.o[2], b, h, idx.data(), n, O.data());
+    zero_padding(P, n, dO);
+    zero_padding(P, n, O);
+    for (int t = 0; t < n; ++t) {
+      const float* g = dO.data() + (int64_t)t * P.Dp;
+      float* dn = dnum.data() + (int64_t)t * P.Dp;
+      const float inv = 1.f / den[t];
+      dden[t] = valid[t] ? -dot(g, O.data() + (int64_t)t * P.Dp, P.Dp) * inv : 0.f;
+      for (int d = 0; d < P.Dp; ++d) dn[d] = g[d] * inv;
+    }
   }
 };
 
-// Acc[Dp] = sum_f x[f] M[f, :] over f < m.
-inline void vec_mat(const float* x, const float* M, int m, int Dp, float* acc) {
-  std::fill(acc, acc + Dp, 0.f);
-  for (int f = 0; f < m; ++f) {
-    const v16f xf = vbroadcast(x[f]);
-    for (int d = 0; d < Dp; d += kVec) vstore(acc + d, vload(acc + d) + xf * vload(M + (int64_t)f * Dp + d));
+// The key stabiliser alone: max over valid keys and features of s k.W_f per (b, h), from the same
+// projections as all_key_states (so the same values), without its exp and state sums. 0 for relu
+// and for a (b, h) with no valid key. Tiles in parallel; a max does not depend on their order.
+template <class S>
+void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const Strides& st, int threads,
+                        std::vector<float>& cst) {
+  const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
+  cst.assign(BH, 0.f);
+  if (P.relu) return;
+  std::vector<float> part((size_t)BH * nchunks, -std::numeric_limits<float>::infinity());
+#pragma omp parallel num_threads(threads)
+  {
+    Tile w(P.Dp, P.Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < (int64_t)BH * nchunks; ++task) {
+      const int bh = (int)(task / nchunks), b = bh / P.H, h = bh % P.H, t0 = (int)(task % nchunks) * kTile;
+      const int n = tile_rows(P, b, t0, w.idx.data());
+      if (n == 0) continue;
+      P.load(k, st.k[0], st.k[1], st.k[2], b, h, w.idx.data(), n, w.X.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      for (int t = 0; t < n; ++t) part[task] = std::max(part[task], P.row_max(w.F.data() + (int64_t)t * P.Mp));
+    }
   }
-}
-// M[f, :] += x[f] y for f < m.
-inline void outer_acc(const float* x, const float* y, int m, int Dp, float* M) {
-  for (int f = 0; f < m; ++f) {
-    const v16f xf = vbroadcast(x[f]);
-    for (int d = 0; d < Dp; d += kVec) vstore(M + (int64_t)f * Dp + d, vload(M + (int64_t)f * Dp + d) + xf * vload(y + d));
+  for (int bh = 0; bh < BH; ++bh) {
+    const float c = *std::max_element(part.begin() + (size_t)bh * nchunks, part.begin() + (size_t)(bh + 1) * nchunks);
+    cst[bh] = std::isfinite(c) ? c : 0.f;
   }
 }
 
-template <class S>
-void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const typename S::T* v, const Strides& st,
-                        int threads, std::vector<float>& cst) {
-  std::vector<float> C, z;
-  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+inline void add_rows(float* acc, const float* P, int n, int ld, int cols) {  // acc[cols] += sum of n rows
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < cols; j += kVec) vstore(acc + j, vload(acc + j) + vload(P + (int64_t)t * ld + j));
 }
 
 template <class S>
 void fwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
                 typename S::T* out, float* ck, const Strides& st, int threads) {
   std::vector<float> cst;
-  causal_stabilisers(P, k, v, st, threads, cst);
+  causal_stabilisers(P, k, st, threads, cst);
   const int BH = P.B * P.H;
 #pragma omp parallel num_threads(threads)
   {
@@ -607,100 +697,120 @@ void fwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
       std::fill(z.begin(), z.end(), 0.f);
       for (int t0 = 0; t0 < P.L; t0 += kTile) {
         const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
+        w.scores_and_den(P, n, z.data());
+        gemm_nn(w.Pq.data(), P.Mp, n, P.m, Sm.data(), P.Dp, P.Dp, w.Y1.data(), P.Dp);  // earlier chunks
+        gemm_nn(w.A.data(), kTile, n, n, w.V.data(), P.Dp, P.Dp, w.Y2.data(), P.Dp);   // this chunk
         for (int t = 0; t < n; ++t) {
-          if (!w.valid[t]) {
-            store_row(P, out, b, h, t0 + t, nullptr);
-            continue;
-          }
-          const float* pk = w.Pk.data() + t * P.Mp;
-          outer_acc(pk, w.V.data() + t * P.Dp, P.m, P.Dp, Sm.data());
-          for (int j = 0; j < P.Mp; j += kVec) vstore(z.data() + j, vload(z.data() + j) + vload(pk + j));
-          const float* pq = w.Pq.data() + t * P.Mp;
-          float den = 0.f;
-          for (int f = 0; f < P.m; ++f) den += pq[f] * (z[f] + kCausalEps);
-          vec_mat(pq, Sm.data(), P.m, P.Dp, w.tmp.data());
-          for (int d = 0; d < P.Dp; ++d) w.tmp[d] /= den;
-          store_row(P, out, b, h, t0 + t, w.tmp.data());
+          float* o = w.Y1.data() + (int64_t)t * P.Dp;
+          const float* o2 = w.Y2.data() + (int64_t)t * P.Dp;
+          const float inv = 1.f / w.den[t];
+          for (int d = 0; d < P.Dp; ++d) o[d] = (o[d] + o2[d]) * inv;
+          store_row(P, out, b, h, t0 + t, w.valid[t] ? o : nullptr);
         }
+        gemm_tn_acc(w.Pk.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, Sm.data(), P.Dp);
+        add_rows(z.data(), w.Pk.data(), n, P.Mp, P.Mp);
       }
     }
   }
   for (int bh = 0; bh < BH; ++bh) ck[bh] = cst[bh];
 }
 
+// With M = tril(dnum V^T + dden) over the whole sequence (reference.performer_attention_bwd_ref):
+// dphi(q_i) = S_i dnum_i + dden_i (z_i + 1e-6) with S_i, z_i the prefix sums up to i, i.e. earlier
+// chunks' S, z plus this chunk's M_c phi(K_c); dphi(k_j) = R_j v_j + r_j and dv_j = R_j^T phi(k_j)
+// with R_j = sum_{i >= j} phi(q_i) dnum_i^T, r_j = sum_{i >= j} dden_i phi(q_i): later chunks' R, r
+// (a reverse pass) plus this chunk's M_c^T phi(Q_c) and triu(phi(K_c) phi(Q_c)^T) dnum_c.
 template <class S>
 void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
                 const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
                 const Strides& st, int threads) {
   std::vector<float> cst;
-  causal_stabilisers(P, k, v, st, threads, cst);
+  causal_stabilisers(P, k, st, threads, cst);
   const int BH = P.B * P.H;
+  const size_t MD = (size_t)P.Mp * P.Dp;
   std::vector<float> den_all((size_t)BH * P.L, 1.f);
 #pragma omp parallel num_threads(threads)
   {
     CausalTile<S> w(P.Dp, P.Mp);
-    std::vector<float> Sm((size_t)P.Mp * P.Dp), z(P.Mp), dnum(P.Dp);
+    std::vector<float> ST(MD), R(MD), RT(MD), z(P.Mp), r(P.Mp);
 #pragma omp for schedule(dynamic, 1)
     for (int bh = 0; bh < BH; ++bh) {
       const int b = bh / P.H, h = bh % P.H;
-      // Forward direction: dphi(q_i) = S_i dnum_i + (z_i + 1e-6) dden_i with prefix sums S_i, z_i.
-      std::fill(Sm.begin(), Sm.end(), 0.f);
+      float* den_bh = den_all.data() + (size_t)bh * P.L;
+      // Forward direction: dq. ST = S^T (Dp x Mp) so that dnum S^T is a row-broadcast product.
+      std::fill(ST.begin(), ST.end(), 0.f);
       std::fill(z.begin(), z.end(), 0.f);
       for (int t0 = 0; t0 < P.L; t0 += kTile) {
         const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
-        P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.dO.data());
-        P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.O.data());
+        const int nc = round_up(n, kVec);
+        w.scores_and_den(P, n, z.data());
+        std::copy(w.den.begin(), w.den.begin() + n, den_bh + t0);
+        w.output_grads(P, out, gout, st, b, h, n);
+        // M_c = tril(dnum V_c^T + dden), kept in A (the scores are no longer needed)
+        transpose_rows(w.V.data(), P.Dp, n, P.Dp, w.T2.data());
+        gemm_nn(w.dnum.data(), P.Dp, n, P.D, w.T2.data(), kTile, nc, w.A.data(), kTile);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j <= i; ++j) w.A[(int64_t)i * kTile + j] += w.dden[i];
+        keep_triangle(w.A.data(), n, true);
+        gemm_nn(w.dnum.data(), P.Dp, n, P.D, ST.data(), P.Mp, P.Mp, w.G1.data(), P.Mp);
+        gemm_nn(w.A.data(), kTile, n, n, w.Pk.data(), P.Mp, P.Mp, w.G2.data(), P.Mp);
         for (int t = 0; t < n; ++t) {
-          float* g = w.G.data() + t * P.Mp;
-          std::fill(g, g + P.Mp, 0.f);
-          if (!w.valid[t]) continue;
-          const float* pk = w.Pk.data() + t * P.Mp;
-          outer_acc(pk, w.V.data() + t * P.Dp, P.m, P.Dp, Sm.data());
-          for (int j = 0; j < P.Mp; j += kVec) vstore(z.data() + j, vload(z.data() + j) + vload(pk + j));
-          const float* pq = w.Pq.data() + t * P.Mp;
-          float den = 0.f;
-          for (int f = 0; f < P.m; ++f) den += pq[f] * (z[f] + kCausalEps);
-          den_all[(size_t)bh * P.L + t0 + t] = den;
-          const float* dO = w.dO.data() + t * P.Dp;
-          const float dden = -dot(dO, w.O.data() + t * P.Dp, P.Dp) / den;
-          for (int d = 0; d < P.Dp; ++d) dnum[d] = dO[d] / den;
-          for (int f = 0; f < P.m; ++f) g[f] = dot(Sm.data() + (int64_t)f * P.Dp, dnum.data(), P.Dp) + (z[f] + kCausalEps) * dden;
+          float* g = w.G1.data() + (int64_t)t * P.Mp;
+          const float* g2 = w.G2.data() + (int64_t)t * P.Mp;
+          for (int f = 0; f < P.m; ++f) g[f] += g2[f] + w.dden[t] * (z[f] + kCausalEps);
         }
-        P.chain(w.G.data(), w.Eq.data(), n);
-        P.input_grad(w.G.data(), w.Xq.data(), n, w.tmp.data());
+        P.chain(w.G1.data(), w.Eq.data(), n);
+        P.input_grad(w.G1.data(), w.Xq.data(), n, w.Y1.data());
         for (int t = 0; t < n; ++t)
-          store_f32(dq, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.tmp.data() + t * P.Dp : nullptr);
+          store_f32(dq, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
+        gemm_tn_acc_wide(w.V.data(), P.Dp, n, P.D, w.Pk.data(), P.Mp, P.Mp, ST.data(), P.Mp);
+        add_rows(z.data(), w.Pk.data(), n, P.Mp, P.Mp);
       }
-      // Reverse direction: R_j = sum_{i>=j} phi(q_i) dnum_i^T, r_j = sum_{i>=j} dden_i phi(q_i);
-      // dphi(k_j) = R_j v_j + r_j, dv_j = R_j^T phi(k_j).
-      std::fill(Sm.begin(), Sm.end(), 0.f);  // R
-      std::fill(z.begin(), z.end(), 0.f);    // r
-      const int last = (P.L - 1) / kTile * kTile;
-      for (int t0 = last; t0 >= 0; t0 -= kTile) {
+      // Reverse direction: dk, dv.
+      std::fill(R.begin(), R.end(), 0.f);
+      std::fill(RT.begin(), RT.end(), 0.f);
+      std::fill(r.begin(), r.end(), 0.f);
+      for (int t0 = (P.L - 1) / kTile * kTile; t0 >= 0; t0 -= kTile) {
         const int n = w.fill(P, q, k, v, st, b, h, t0, cst[bh]);
-        P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.dO.data());
-        P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.O.data());
-        for (int t = n - 1; t >= 0; --t) {
-          float* g = w.G.data() + t * P.Mp;
-          std::fill(g, g + P.Mp, 0.f);
-          if (!w.valid[t]) continue;
-          const float den = den_all[(size_t)bh * P.L + t0 + t];
-          const float* dO = w.dO.data() + t * P.Dp;
-          const float dden = -dot(dO, w.O.data() + t * P.Dp, P.Dp) / den;
-          for (int d = 0; d < P.Dp; ++d) dnum[d] = dO[d] / den;
-          const float* pq = w.Pq.data() + t * P.Mp;
-          outer_acc(pq, dnum.data(), P.m, P.Dp, Sm.data());
-          for (int f = 0; f < P.m; ++f) z[f] += dden * pq[f];
-          const float* vv = w.V.data() + t * P.Dp;
-          for (int f = 0; f < P.m; ++f) g[f] = dot(Sm.data() + (int64_t)f * P.Dp, vv, P.Dp) + z[f];
-          vec_mat(w.Pk.data() + t * P.Mp, Sm.data(), P.m, P.Dp, w.O.data() + t * P.Dp);  // dv (O row no longer needed)
+        const int nc = round_up(n, kVec);
+        std::copy(den_bh + t0, den_bh + t0 + n, w.den.begin());
+        w.output_grads(P, out, gout, st, b, h, n);
+        // dv = phi(K_c) R + triu(phi(K_c) phi(Q_c)^T) dnum_c
+        transpose_rows(w.Pq.data(), P.Mp, n, P.Mp, w.T1.data());
+        gemm_nn(w.Pk.data(), P.Mp, n, P.m, w.T1.data(), kTile, nc, w.A.data(), kTile);
+        keep_triangle(w.A.data(), n, false);
+        gemm_nn(w.Pk.data(), P.Mp, n, P.m, R.data(), P.Dp, P.Dp, w.Y1.data(), P.Dp);
+        gemm_nn(w.A.data(), kTile, n, n, w.dnum.data(), P.Dp, P.Dp, w.Y2.data(), P.Dp);
+        for (int t = 0; t < n; ++t) {
+          float* o = w.Y1.data() + (int64_t)t * P.Dp;
+          const float* o2 = w.Y2.data() + (int64_t)t * P.Dp;
+          for (int d = 0; d < P.Dp; ++d) o[d] += o2[d];
+          store_f32(dv, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? o : nullptr);
         }
+        // dphi(k) = V_c R^T + r + M_c^T phi(Q_c), M_c^T = triu(V_c dnum_c^T + dden^T)
+        transpose_rows(w.dnum.data(), P.Dp, n, P.Dp, w.T2.data());
+        gemm_nn(w.V.data(), P.Dp, n, P.D, w.T2.data(), kTile, nc, w.A.data(), kTile);
+        for (int j = 0; j < n; ++j)
+          for (int i = j; i < n; ++i) w.A[(int64_t)j * kTile + i] += w.dden[i];
+        keep_triangle(w.A.data(), n, false);
+        gemm_nn(w.V.data(), P.Dp, n, P.D, RT.data(), P.Mp, P.Mp, w.G1.data(), P.Mp);
+        gemm_nn(w.A.data(), kTile, n, n, w.Pq.data(), P.Mp, P.Mp, w.G2.data(), P.Mp);
+        for (int t = 0; t < n; ++t) {
+          float* g = w.G1.data() + (int64_t)t * P.Mp;
+          const float* g2 = w.G2.data() + (int64_t)t * P.Mp;
+          for (int f = 0; f < P.m; ++f) g[f] += g2[f] + r[f];
+        }
+        P.chain(w.G1.data(), w.Ek.data(), n);
+        P.input_grad(w.G1.data(), w.Xk.data(), n, w.Y1.data());
         for (int t = 0; t < n; ++t)
-          store_f32(dv, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.O.data() + t * P.Dp : nullptr);
-        P.chain(w.G.data(), w.Ek.data(), n);
-        P.input_grad(w.G.data(), w.Xk.data(), n, w.tmp.data());
-        for (int t = 0; t < n; ++t)
-          store_f32(dk, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.tmp.data() + t * P.Dp : nullptr);
+          store_f32(dk, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
+        gemm_tn_acc(w.Pq.data(), P.Mp, n, P.m, w.dnum.data(), P.Dp, P.NV, R.data(), P.Dp);
+        gemm_tn_acc_wide(w.dnum.data(), P.Dp, n, P.D, w.Pq.data(), P.Mp, P.Mp, RT.data(), P.Mp);
+        for (int t = 0; t < n; ++t) {
+          const v16f dd = vbroadcast(w.dden[t]);
+          const float* p = w.Pq.data() + (int64_t)t * P.Mp;
+          for (int j = 0; j < P.Mp; j += kVec) vstore(r.data() + j, vload(r.data() + j) + dd * vload(p + j));
+        }
       }
     }
   }

@@ -1,8 +1,9 @@
-// Performer FAVOR+ attention, CUDA (non-causal), forward and backward. Written to be simple and
-// obviously correct rather than fast: one block per (batch*head, feature) or (batch*head, row),
+// Performer FAVOR+ attention, CUDA, forward and backward. Written to be simple and obviously
+// correct rather than fast: non-causal, one block per (batch*head, feature) or (batch*head, row),
 // threads over head_dim or features, block reductions in shared memory. Same maths as
 // csrc/cpu/performer.cpp; the key stabiliser is computed first (a max pass), so the key sums need
-// no rescaling. Workspaces (C, z, dC, dz, per-row denominators and stabilisers) come from Python.
+// no rescaling. Causal: one block per (batch*head) and a chunked prefix-sum sweep (causal section).
+// Workspaces (C, z, dC, dz, per-row denominators and stabilisers) come from Python.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,7 +33,7 @@ struct Args {
   const uint8_t* pad;
   const float* W;  // m x D
   float s, ratio, eps;
-  bool relu;
+  bool relu, causal;
 };
 
 __device__ __forceinline__ bool valid(const Args& a, int b, int l) { return a.pad == nullptr || a.pad[(int64_t)b * a.L + l] == 0; }
@@ -293,6 +294,332 @@ __global__ void bwd_key_kernel(Args a, const T* k, const T* v, const float* ck, 
   }
 }
 
+// ----------------------------------------------------------------------------- causal
+//
+// One block per (batch, head) walks the sequence in chunks of C rows (C from causal_chunk: the
+// chunk's inputs and features fit the 48 KB of shared memory). The prefix state lives in global
+// workspaces owned by the block: S = sum phi(k_j) v_j^T (m x D) and z = sum phi(k_j) (m). With
+// A = tril(phi(Q_c) phi(K_c)^T):
+//   out_c = (phi(Q_c) S + A V_c) / (phi(Q_c) (z + 1e-6) + rowsum(A)),  then S += phi(K_c)^T V_c,
+// performer-pytorch's causal_linear_attention_noncuda including its 1e-6. The backward is a forward
+// sweep for dq and a reverse sweep (R = sum phi(q_i) dnum_i^T, r = sum dden_i phi(q_i) over later
+// chunks) for dk, dv; the maths is that of csrc/cpu/performer.cpp. Every phase is separated by
+// __syncthreads, which also orders the block's own global-memory state updates.
+
+constexpr float kCausalEps = 1e-6f;
+constexpr int kMaxChunk = 16;
+constexpr size_t kCausalSmem = 46 * 1024;  // dynamic shared memory, below the 48 KB default
+
+__host__ __device__ inline size_t causal_smem_floats(int C, int D, int m) {
+  return 6 * (size_t)C * D + 4 * (size_t)C * m + (size_t)C * C + 5 * (size_t)C;
+}
+
+int causal_chunk(int D, int m) {
+  for (int C = kMaxChunk; C >= 1; C /= 2)
+    if (causal_smem_floats(C, D, m) * sizeof(float) <= kCausalSmem) return C;
+  throw std::invalid_argument("biogen: causal performer_attention (cuda) needs " +
+                              std::to_string(causal_smem_floats(1, D, m) * sizeof(float)) +
+                              " bytes of shared memory per row; use fewer random features");
+}
+
+struct Chunk {  // one chunk's buffers in dynamic shared memory
+  float *Xq, *Xk, *V, *G, *O, *Y, *Pq, *Pk, *Eq, *Ek, *A, *den, *dden, *diag, *rowc, *ok;
+};
+
+__device__ Chunk carve(float* sh, int C, int D, int m) {
+  Chunk c;
+  float* p = sh;
+  c.Xq = p; p += C * D;
+  c.Xk = p; p += C * D;
+  c.V = p; p += C * D;
+  c.G = p; p += C * D;
+  c.O = p; p += C * D;
+  c.Y = p; p += C * D;
+  c.Pq = p; p += C * m;
+  c.Pk = p; p += C * m;
+  c.Eq = p; p += C * m;
+  c.Ek = p; p += C * m;
+  c.A = p; p += C * C;
+  c.den = p; p += C;
+  c.dden = p; p += C;
+  c.diag = p; p += C;
+  c.rowc = p; p += C;
+  c.ok = p;
+  return c;
+}
+
+// n rows from position c0 of one (b, h) slice into X (n x D); rows that are padding are 0.
+template <class T>
+__device__ void load_rows(const Args& a, const T* x, const int64_t* st, int b, int h, int c0, int n, const float* ok,
+                          float* X) {
+  for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
+    const int t = i / a.D, d = i % a.D;
+    X[i] = ok[t] != 0.f ? to_f(x[b * st[0] + h * st[1] + (int64_t)(c0 + t) * st[2] + d]) : 0.f;
+  }
+}
+
+// E (exp or relu part) and P = ratio (E + eps) of n rows of X (P is 0 on padding). The stabiliser
+// is each row's max over features (queries) or ck (keys).
+__device__ void chunk_features(const Args& a, const float* X, int n, const float* ok, bool query, float ck,
+                               float* diag, float* rowc, float* E, float* P) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    float sq = 0.f;
+    for (int d = 0; d < a.D; ++d) sq += X[t * a.D + d] * X[t * a.D + d];
+    diag[t] = sq * (a.s * a.s * 0.5f);
+  }
+  for (int i = threadIdx.x; i < n * a.m; i += blockDim.x) {
+    const int t = i / a.m, f = i % a.m;
+    float acc = 0.f;
+    for (int d = 0; d < a.D; ++d) acc += X[t * a.D + d] * a.W[(int64_t)f * a.D + d];
+    E[i] = acc * a.s;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    float c = ck;
+    if (a.relu) {
+      c = 0.f;
+    } else if (query) {
+      c = -INFINITY;
+      for (int f = 0; f < a.m; ++f) c = fmaxf(c, E[t * a.m + f]);
+    }
+    rowc[t] = c;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n * a.m; i += blockDim.x) {
+    const int t = i / a.m;
+    const float dd = E[i];
+    const float e = a.relu ? fmaxf(dd, 0.f) : expf(dd - diag[t] - rowc[t]);
+    E[i] = e;
+    P[i] = ok[t] != 0.f ? a.ratio * (e + a.eps) : 0.f;
+  }
+  __syncthreads();
+}
+
+// Validity, inputs and features of the chunk at c0; returns its row count.
+template <class T>
+__device__ int chunk_setup(const Args& a, const Chunk& c, int C, const T* q, const T* k, const T* v, float ck, int b,
+                           int h, int c0) {
+  const int n = min(C, a.L - c0);
+  for (int t = threadIdx.x; t < n; t += blockDim.x) c.ok[t] = valid(a, b, c0 + t) ? 1.f : 0.f;
+  __syncthreads();
+  load_rows(a, q, a.qs, b, h, c0, n, c.ok, c.Xq);
+  load_rows(a, k, a.ks, b, h, c0, n, c.ok, c.Xk);
+  load_rows(a, v, a.vs, b, h, c0, n, c.ok, c.V);
+  __syncthreads();
+  chunk_features(a, c.Xq, n, c.ok, true, ck, c.diag, c.rowc, c.Eq, c.Pq);
+  chunk_features(a, c.Xk, n, c.ok, false, ck, c.diag, c.rowc, c.Ek, c.Pk);
+  return n;
+}
+
+// A[i, j] = phi(q_i) . phi(k_j) for j <= i (lower) or i <= j (upper, with rows from X = Pk, cols Y = Pq).
+__device__ void chunk_scores(const Args& a, const float* Prow, const float* Pcol, int n, int C, bool lower, float* A) {
+  for (int i = threadIdx.x; i < n * n; i += blockDim.x) {
+    const int r = i / n, col = i % n;
+    float acc = 0.f;
+    if (lower ? col <= r : col >= r)
+      for (int f = 0; f < a.m; ++f) acc += Prow[r * a.m + f] * Pcol[col * a.m + f];
+    A[r * C + col] = acc;
+  }
+  __syncthreads();
+}
+
+// dO, O of the chunk; dden = -(dO . O) / den, G = dnum = dO / den (0 on padding).
+template <class T>
+__device__ void chunk_output_grads(const Args& a, const Chunk& c, const T* out, const T* gout, int b, int h, int c0,
+                                   int n) {
+  load_rows(a, gout, a.gs, b, h, c0, n, c.ok, c.G);
+  load_rows(a, out, a.os, b, h, c0, n, c.ok, c.O);
+  __syncthreads();
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    float acc = 0.f;
+    for (int d = 0; d < a.D; ++d) acc += c.G[t * a.D + d] * c.O[t * a.D + d];
+    c.dden[t] = c.ok[t] != 0.f ? -acc / c.den[t] : 0.f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) c.G[i] /= c.den[i / a.D];
+  __syncthreads();
+}
+
+// dx rows (float32, contiguous) from G = dphi * dphi/d(s x.W), already in E (chain applied).
+__device__ void chunk_input_grad(const Args& a, const Chunk& c, const float* X, float* E, int n, float* dst) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    float gs = 0.f;
+    for (int f = 0; f < a.m; ++f) gs += E[t * a.m + f];
+    c.rowc[t] = a.relu ? 0.f : gs;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
+    const int t = i / a.D, d = i % a.D;
+    float acc = 0.f;
+    for (int f = 0; f < a.m; ++f) acc += E[t * a.m + f] * a.W[(int64_t)f * a.D + d];
+    dst[(int64_t)t * a.D + d] = c.ok[t] != 0.f ? a.s * acc - a.s * a.s * c.rowc[t] * X[i] : 0.f;
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float chain(const Args& a, float dphi, float e) {
+  return a.relu ? (e > 0.f ? dphi : 0.f) : dphi * a.ratio * e;
+}
+
+template <class T>
+__global__ void causal_fwd_kernel(Args a, int C, const T* q, const T* k, const T* v, const float* ck, float* Sg,
+                                  float* zg, T* out) {
+  extern __shared__ float sh[];
+  const Chunk c = carve(sh, C, a.D, a.m);
+  const int bh = blockIdx.x, b = bh / a.H, h = bh % a.H;
+  float* S = Sg + (int64_t)bh * a.m * a.D;
+  float* z = zg + (int64_t)bh * a.m;
+  for (int i = threadIdx.x; i < a.m * a.D; i += blockDim.x) S[i] = 0.f;
+  for (int f = threadIdx.x; f < a.m; f += blockDim.x) z[f] = 0.f;
+  __syncthreads();
+  for (int c0 = 0; c0 < a.L; c0 += C) {
+    const int n = chunk_setup(a, c, C, q, k, v, ck[bh], b, h, c0);
+    chunk_scores(a, c.Pq, c.Pk, n, C, true, c.A);
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      float d = 0.f;
+      for (int f = 0; f < a.m; ++f) d += c.Pq[t * a.m + f] * (z[f] + kCausalEps);
+      for (int j = 0; j <= t; ++j) d += c.A[t * C + j];
+      c.den[t] = c.ok[t] != 0.f ? d : 1.f;
+    }
+    for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
+      const int t = i / a.D, d = i % a.D;
+      float acc = 0.f;
+      for (int f = 0; f < a.m; ++f) acc += c.Pq[t * a.m + f] * S[(int64_t)f * a.D + d];
+      for (int j = 0; j <= t; ++j) acc += c.A[t * C + j] * c.V[j * a.D + d];
+      c.Y[i] = acc;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
+      const int t = i / a.D, d = i % a.D;
+      out[((int64_t)bh * a.L + c0 + t) * a.D + d] = from_f<T>(c.ok[t] != 0.f ? c.Y[i] / c.den[t] : 0.f);
+    }
+    for (int i = threadIdx.x; i < a.m * a.D; i += blockDim.x) {
+      const int f = i / a.D, d = i % a.D;
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f] * c.V[j * a.D + d];
+      S[i] += acc;
+    }
+    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f];
+      z[f] += acc;
+    }
+    __syncthreads();
+  }
+}
+
+template <class T>
+__global__ void causal_bwd_kernel(Args a, int C, const T* q, const T* k, const T* v, const T* out, const T* gout,
+                                  const float* ck, float* Sg, float* zg, float* Rg, float* rg, float* den_all,
+                                  float* dq, float* dk, float* dv) {
+  extern __shared__ float sh[];
+  const Chunk c = carve(sh, C, a.D, a.m);
+  const int bh = blockIdx.x, b = bh / a.H, h = bh % a.H;
+  const int64_t mD = (int64_t)a.m * a.D;
+  float* S = Sg + bh * mD;
+  float* z = zg + (int64_t)bh * a.m;
+  float* R = Rg + bh * mD;
+  float* r = rg + (int64_t)bh * a.m;
+  float* den_bh = den_all + (int64_t)bh * a.L;
+  const int64_t row0 = (int64_t)bh * a.L;
+  for (int i = threadIdx.x; i < mD; i += blockDim.x) S[i] = R[i] = 0.f;
+  for (int f = threadIdx.x; f < a.m; f += blockDim.x) z[f] = r[f] = 0.f;
+  __syncthreads();
+  // Forward sweep: dphi(Q_c) = dnum S^T + dden (z + 1e-6) + tril(dnum V_c^T + dden) phi(K_c).
+  for (int c0 = 0; c0 < a.L; c0 += C) {
+    const int n = chunk_setup(a, c, C, q, k, v, ck[bh], b, h, c0);
+    chunk_scores(a, c.Pq, c.Pk, n, C, true, c.A);
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      float d = 0.f;
+      for (int f = 0; f < a.m; ++f) d += c.Pq[t * a.m + f] * (z[f] + kCausalEps);
+      for (int j = 0; j <= t; ++j) d += c.A[t * C + j];
+      c.den[t] = c.ok[t] != 0.f ? d : 1.f;
+      den_bh[c0 + t] = c.den[t];
+    }
+    __syncthreads();
+    chunk_output_grads(a, c, out, gout, b, h, c0, n);
+    for (int i = threadIdx.x; i < n * n; i += blockDim.x) {  // A <- M = tril(dnum V^T + dden)
+      const int t = i / n, j = i % n;
+      float acc = 0.f;
+      if (j <= t) {
+        for (int d = 0; d < a.D; ++d) acc += c.G[t * a.D + d] * c.V[j * a.D + d];
+        acc += c.dden[t];
+      }
+      c.A[t * C + j] = acc;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * a.m; i += blockDim.x) {
+      const int t = i / a.m, f = i % a.m;
+      float dphi = c.dden[t] * (z[f] + kCausalEps);
+      for (int d = 0; d < a.D; ++d) dphi += c.G[t * a.D + d] * S[(int64_t)f * a.D + d];
+      for (int j = 0; j <= t; ++j) dphi += c.A[t * C + j] * c.Pk[j * a.m + f];
+      c.Eq[i] = chain(a, dphi, c.Eq[i]);
+    }
+    __syncthreads();
+    chunk_input_grad(a, c, c.Xq, c.Eq, n, dq + (row0 + c0) * a.D);
+    for (int i = threadIdx.x; i < mD; i += blockDim.x) {
+      const int f = i / a.D, d = i % a.D;
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f] * c.V[j * a.D + d];
+      S[i] += acc;
+    }
+    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f];
+      z[f] += acc;
+    }
+    __syncthreads();
+  }
+  // Reverse sweep: dv_c = phi(K_c) R + triu(phi(K_c) phi(Q_c)^T) dnum,
+  // dphi(K_c) = V_c R^T + r + triu(V_c dnum^T + dden^T) phi(Q_c).
+  for (int c0 = (a.L - 1) / C * C; c0 >= 0; c0 -= C) {
+    const int n = chunk_setup(a, c, C, q, k, v, ck[bh], b, h, c0);
+    for (int t = threadIdx.x; t < n; t += blockDim.x) c.den[t] = den_bh[c0 + t];
+    __syncthreads();
+    chunk_output_grads(a, c, out, gout, b, h, c0, n);
+    chunk_scores(a, c.Pk, c.Pq, n, C, false, c.A);
+    for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
+      const int j = i / a.D, d = i % a.D;
+      float acc = 0.f;
+      for (int f = 0; f < a.m; ++f) acc += c.Pk[j * a.m + f] * R[(int64_t)f * a.D + d];
+      for (int t = j; t < n; ++t) acc += c.A[j * C + t] * c.G[t * a.D + d];
+      dv[(row0 + c0 + j) * a.D + d] = c.ok[j] != 0.f ? acc : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * n; i += blockDim.x) {  // A <- M^T = triu(V dnum^T + dden^T)
+      const int j = i / n, t = i % n;
+      float acc = 0.f;
+      if (t >= j) {
+        for (int d = 0; d < a.D; ++d) acc += c.V[j * a.D + d] * c.G[t * a.D + d];
+        acc += c.dden[t];
+      }
+      c.A[j * C + t] = acc;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * a.m; i += blockDim.x) {
+      const int j = i / a.m, f = i % a.m;
+      float dphi = r[f];
+      for (int d = 0; d < a.D; ++d) dphi += c.V[j * a.D + d] * R[(int64_t)f * a.D + d];
+      for (int t = j; t < n; ++t) dphi += c.A[j * C + t] * c.Pq[t * a.m + f];
+      c.Ek[i] = chain(a, dphi, c.Ek[i]);
+    }
+    __syncthreads();
+    chunk_input_grad(a, c, c.Xk, c.Ek, n, dk + (row0 + c0) * a.D);
+    for (int i = threadIdx.x; i < mD; i += blockDim.x) {
+      const int f = i / a.D, d = i % a.D;
+      float acc = 0.f;
+      for (int t = 0; t < n; ++t) acc += c.Pq[t * a.m + f] * c.G[t * a.D + d];
+      R[i] += acc;
+    }
+    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
+      float acc = 0.f;
+      for (int t = 0; t < n; ++t) acc += c.dden[t] * c.Pq[t * a.m + f];
+      r[f] += acc;
+    }
+    __syncthreads();
+  }
+}
+
 void check(cudaError_t err) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("biogen performer_attention (cuda): ") + cudaGetErrorString(err));
 }
@@ -307,7 +634,8 @@ void dispatch(int dtype, F&& f) {
   }
 }
 
-Args make_args(int B, int H, int L, int D, int m, const int64_t* strides, uintptr_t pad, uintptr_t W, int relu,
+// flags: bit 0 relu kernel, bit 1 causal (one int so the binding's signature stays as it was).
+Args make_args(int B, int H, int L, int D, int m, const int64_t* strides, uintptr_t pad, uintptr_t W, int flags,
                float eps) {
   if (D > kThreads) throw std::invalid_argument("biogen: performer_attention supports head dimension at most 128");
   Args a{};
@@ -319,7 +647,8 @@ Args make_args(int B, int H, int L, int D, int m, const int64_t* strides, uintpt
   a.pad = (const uint8_t*)pad;
   a.W = (const float*)W;
   a.s = powf((float)D, -0.25f);
-  a.relu = relu != 0;
+  a.relu = (flags & 1) != 0;
+  a.causal = (flags & 2) != 0;
   a.ratio = a.relu ? 1.f : 1.f / sqrtf((float)m);
   a.eps = eps;
   return a;
@@ -331,13 +660,19 @@ Args make_args(int B, int H, int L, int D, int m, const int64_t* strides, uintpt
 // ws_C: B*H*m*D floats, ws_z: B*H*m floats.
 void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W, uintptr_t out, uintptr_t ck,
                    uintptr_t pad, uintptr_t ws_C, uintptr_t ws_z, int B, int H, int L, int D, int m,
-                   const int64_t* strides, int relu, float eps, uintptr_t stream_handle) {
-  Args a = make_args(B, H, L, D, m, strides, pad, W, relu, eps);
+                   const int64_t* strides, int flags, float eps, uintptr_t stream_handle) {
+  Args a = make_args(B, H, L, D, m, strides, pad, W, flags, eps);
   cudaStream_t stream = (cudaStream_t)stream_handle;
   const size_t sh_feat = (kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     key_max_kernel<T><<<B * H, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ck);
+    if (a.causal) {  // ws_C, ws_z hold each block's prefix state S, z
+      const int C = causal_chunk(D, m);
+      causal_fwd_kernel<T><<<B * H, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
+          a, C, (const T*)q, (const T*)k, (const T*)v, (const float*)ck, (float*)ws_C, (float*)ws_z, (T*)out);
+      return;
+    }
     key_state_kernel<T><<<dim3(B * H, m), kThreads, 0, stream>>>(a, (const T*)k, (const T*)v, (const float*)ck,
                                                                (float*)ws_C, (float*)ws_z);
     query_out_kernel<T><<<dim3(B * H, L), kThreads, sh_feat, stream>>>(a, (const T*)q, (const float*)ws_C,
@@ -350,14 +685,22 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
 void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W, uintptr_t out, uintptr_t gout,
                    uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, uintptr_t ws_C, uintptr_t ws_z,
                    uintptr_t ws_dC, uintptr_t ws_dz, uintptr_t ws_den, uintptr_t ws_cq, uintptr_t ws_ck, int B, int H,
-                   int L, int D, int m, const int64_t* strides, int relu, float eps, uintptr_t stream_handle) {
-  Args a = make_args(B, H, L, D, m, strides, pad, W, relu, eps);
+                   int L, int D, int m, const int64_t* strides, int flags, float eps, uintptr_t stream_handle) {
+  Args a = make_args(B, H, L, D, m, strides, pad, W, flags, eps);
   cudaStream_t stream = (cudaStream_t)stream_handle;
   const size_t sh_feat = (kThreads + 2 * (size_t)m) * sizeof(float);
   const size_t sh_bwd = (2 * kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     key_max_kernel<T><<<B * H, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ws_ck);
+    if (a.causal) {  // prefix states S, z in ws_C, ws_z; reverse-sweep states R, r in ws_dC, ws_dz
+      const int C = causal_chunk(D, m);
+      causal_bwd_kernel<T><<<B * H, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
+          a, C, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (const float*)ws_ck,
+          (float*)ws_C, (float*)ws_z, (float*)ws_dC, (float*)ws_dz, (float*)ws_den, (float*)dq, (float*)dk,
+          (float*)dv);
+      return;
+    }
     key_state_kernel<T><<<dim3(B * H, m), kThreads, 0, stream>>>(a, (const T*)k, (const T*)v,
                                                                (const float*)ws_ck, (float*)ws_C, (float*)ws_z);
     bwd_query_kernel<T><<<dim3(B * H, L), kThreads, sh_bwd, stream>>>(

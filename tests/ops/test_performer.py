@@ -10,7 +10,7 @@ import torch
 
 from biogen.nn import PerformerAttention
 from biogen.ops import BackendUnavailableError, gaussian_orthogonal_random_matrix, performer_attention
-from biogen.ops.performer import OP, _bwd_op, _fwd_op
+from biogen.ops.performer import OP, TRITON_CAUSAL_MAX_FEATURES, _bwd_op, _fwd_op
 from biogen.ops.reference import performer_attention_ref
 
 from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require, run_with_cpu_capability
@@ -203,6 +203,84 @@ def test_matches_performer_pytorch_fast_attention(causal, kernel, backend):
     assert max_err(out, expected) < 5e-5
 
 
+# ------------------------------------------------------------------ causal: chunk boundaries
+
+
+def _check_fwd_bwd(backend, q, k, v, w, pad, kernel, tol=5e-5):
+    """Forward and q, k, v gradients of one backend against autograd through the float64 reference."""
+    args = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = performer_attention(*args, w, key_padding_mask=pad, causal=True, kernel=kernel, backend=backend)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, args, gout.to(out))
+    ref_args = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = performer_attention_ref(*ref_args, w.double().cpu(), None if pad is None else pad.cpu(), True, kernel)
+    ref_grads = torch.autograd.grad(ref, ref_args, gout)
+    assert max_err(out, ref) < tol, "out"
+    for name, g_, r in zip("qkv", grads, ref_grads):
+        assert max_err(g_, r) < tol, f"d{name}"
+    if pad is not None:
+        rows = pad[:, None, :, None].expand_as(out)
+        assert not out[rows].any() and not any(g_[rows].any() for g_ in grads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("L", [1, 63, 64, 65, 97, 1025])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_causal_chunk_boundaries_match_reference(backend, L, kernel):
+    """Lengths around the CPU chunk (64 positions; CUDA's is 16 or less): the chunk's own masked
+    scores and the carried prefix state must add up to the token-by-token prefix sums. m = 45 and
+    266 are no multiple of 16; padding sits in the second cell's tail."""
+    B, H, D, m = (2, 1, 64, 266) if L == 1025 else (2, 2, 24, 45)
+    dev = require(OP, backend, dtype=torch.float32, head_dim=D, causal=True, nb_features=m)
+    q, k, v, w, pad = make_inputs(B, H, L, D, m, device=dev)
+    _check_fwd_bwd(backend, q, k, v, w, pad, kernel)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_causal_scattered_padding_across_chunks(backend, kernel):
+    """Padding anywhere (not only a tail), including whole chunks and chunk edges."""
+    dev = require(OP, backend, dtype=torch.float32, head_dim=20, causal=True, nb_features=21)
+    q, k, v, w, _ = make_inputs(2, 2, 200, 20, 21, device=dev)
+    g = torch.Generator().manual_seed(5)
+    pad = torch.rand(2, 200, generator=g) < 0.3
+    pad[0, 64:128] = True
+    pad[1, [0, 63, 64, 127, 128, 199]] = True
+    _check_fwd_bwd(backend, q, k, v, w, pad.to(dev), kernel)
+
+
+@pytest.mark.parametrize("L", [1, 17, 33])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_causal_tiny_matches_reference(L, kernel):
+    """The Triton sweep (chunks of 16) on shapes its interpreter runs fast: one chunk, a partial second
+    and a partial third; head_dim 20 and m = 24 are padded to power-of-two blocks."""
+    dev = require(OP, "triton", dtype=torch.float32, head_dim=20, causal=True, nb_features=24)
+    q, k, v, w, pad = make_inputs(2, 2, L, 20, 24, device=dev)
+    _check_fwd_bwd("triton", q, k, v, w, pad, kernel)
+
+
+def test_causal_is_causal_on_every_backend():
+    """Changing position j's key and value changes no output before j (and does change j's)."""
+    for backend in ALL_BACKENDS:
+        if OP.not_supported_reasons(backend, torch.device("cpu"), dtype=torch.float32, head_dim=16, causal=True,
+                                    nb_features=19) or (backend in ("cuda",) and not torch.cuda.is_available()):
+            continue
+        dev = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+        L = 33 if interpreted(backend) else 150
+        q, k, v, w, _ = make_inputs(1, 2, L, 16, 19, device=dev)
+        # The key stabiliser is a max over all keys (as in performer-pytorch): keep it unchanged by
+        # editing a key that is not the argmax, into one whose projections (0) are below the max.
+        argmax = set((k.cpu() @ w.cpu().t()).amax(-1).argmax(-1).flatten().tolist())
+        j = next(i for i in range(L - 5, 0, -1) if i not in argmax)
+        k2, v2 = k.clone(), v.clone()
+        k2[..., j, :] = 0
+        v2[..., j, :] *= -3
+        a = performer_attention(q, k, v, w, causal=True, backend=backend)
+        b = performer_attention(q, k2, v2, w, causal=True, backend=backend)
+        assert max_err(a[..., :j, :], b[..., :j, :]) < 1e-6, backend
+        assert max_err(a[..., j, :], b[..., j, :]) > 1e-2, backend
+
+
 # ------------------------------------------------------------------ masks, robustness
 
 
@@ -252,15 +330,16 @@ def test_all_padding_cell_gives_zeros(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_non_contiguous_inputs(backend):
-    dev = require(OP, backend, dtype=torch.float32, head_dim=32)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_non_contiguous_inputs(backend, causal):
+    dev = require(OP, backend, dtype=torch.float32, head_dim=32, causal=causal)
     B, L, H, D = (1, 17, 2, 32) if interpreted(backend) else (2, 101, 3, 32)
     qkv = torch.randn(B, L, 3, H, D, device=dev)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     assert not q.is_contiguous()
     _, _, _, w, pad = make_inputs(B, H, L, D, 37, device=dev)
-    out = performer_attention(q, k, v, w, key_padding_mask=pad, backend=backend)
-    assert max_err(out, truth(q, k, v, w, pad, False, "softmax")) < 2e-5
+    out = performer_attention(q, k, v, w, key_padding_mask=pad, causal=causal, backend=backend)
+    assert max_err(out, truth(q, k, v, w, pad, causal, "softmax")) < 2e-5
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -278,13 +357,16 @@ def test_deterministic(backend, causal):
         assert torch.equal(a, b)
 
 
-def test_key_stabiliser_is_per_batch_and_head_over_valid_keys():
-    q, k, v, w, pad = make_inputs(2, 3, 20, 8, 11)
-    for backend in ("torch", "cpu") if "cpu" in OP.reasons else ("torch",):
-        _, ck = _fwd_op(q, k, v, w, pad, False, False, 1e-4, backend)
-        dd = (k * 8 ** -0.25) @ w.t()
-        expected = dd.masked_fill(pad[:, None, :, None], -math.inf).amax(dim=(-1, -2))
-        assert ck.shape == (2, 3)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_stabiliser_is_per_batch_and_head_over_valid_keys(causal):
+    q, k, v, w, pad = make_inputs(3, 3, 150, 8, 11)
+    pad[2] = True  # a cell with no valid key: stabiliser 0
+    dd = (k * 8 ** -0.25) @ w.t()
+    expected = dd.masked_fill(pad[:, None, :, None], -math.inf).amax(dim=(-1, -2))
+    expected = torch.where(torch.isfinite(expected), expected, 0)
+    for backend in [b for b in ("torch", "cpu", "triton") if b in OP.reasons]:
+        _, ck = _fwd_op(q, k, v, w, pad, causal, False, 1e-4, backend)
+        assert ck.shape == (3, 3)
         torch.testing.assert_close(ck, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -367,12 +449,24 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
         performer_attention(q, k, v, w, backend="cuda")
 
 
-def test_triton_causal_is_refused_with_the_reason():
+def test_triton_causal_feature_limit_is_refused_with_the_reason():
     if "triton" not in OP.reasons:
         pytest.skip("triton not installed")
-    q, k, v, w, _ = make_inputs(1, 1, 5, 16, 9)
-    with pytest.raises(BackendUnavailableError, match=r"triton: supports causal=False only"):
+    q, k, v, _, _ = make_inputs(1, 1, 5, 16, 9)
+    w = torch.randn(TRITON_CAUSAL_MAX_FEATURES + 1, 16)
+    with pytest.raises(BackendUnavailableError, match=r"triton: supports causal=True with at most 256 random"):
         performer_attention(q, k, v, w, causal=True, backend="triton")
+    assert not OP.not_supported_reasons("triton", torch.device("cpu"), dtype=torch.float32, head_dim=16, causal=True,
+                                        nb_features=TRITON_CAUSAL_MAX_FEATURES)
+
+
+def test_cuda_causal_feature_limit_reason():
+    if "cuda" not in OP.reasons:
+        pytest.skip("CUDA extension not built")
+    fits = dict(dtype=torch.float32, head_dim=128, causal=True, nb_features=2750)
+    assert not OP.reasons["cuda"](**fits)
+    assert "random features" in " ".join(OP.reasons["cuda"](**dict(fits, nb_features=2751)))
+    assert not OP.reasons["cuda"](**dict(fits, causal=False, nb_features=10000))
 
 
 def test_auto_prefers_cpu_kernel_on_cpu():

@@ -50,10 +50,31 @@ def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, *
     return r
 
 
-def _reasons_non_causal(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False, **_) -> list[str]:
+# The Triton causal sweep keeps its prefix state (nb_features x head_dim, float32) in one program's
+# registers: past this it would spill or run out of shared memory.
+TRITON_CAUSAL_MAX_FEATURES = 256
+
+
+def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False,
+                    nb_features: int = 0, **_) -> list[str]:
     r = _reasons_dtype_dim(dtype, head_dim)
-    if causal:
-        r.append("supports causal=False only (the causal path runs on the cpu and torch backends)")
+    if causal and nb_features > TRITON_CAUSAL_MAX_FEATURES:
+        r.append(f"supports causal=True with at most {TRITON_CAUSAL_MAX_FEATURES} random features "
+                 f"(nb_features={nb_features})")
+    return r
+
+
+# The CUDA causal kernel keeps one chunk's inputs and features (6 D + 4 m + 6 floats a row, at least
+# one row) in 46 KB of shared memory (csrc/cuda/performer.cu, causal_chunk).
+_CUDA_CAUSAL_SMEM = 46 * 1024
+
+
+def _reasons_cuda(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False,
+                  nb_features: int = 0, **_) -> list[str]:
+    r = _reasons_dtype_dim(dtype, head_dim)
+    if causal and 4 * (6 * head_dim + 4 * nb_features + 6) > _CUDA_CAUSAL_SMEM:
+        r.append(f"supports causal=True with at most {(_CUDA_CAUSAL_SMEM // 4 - 6 * head_dim - 6) // 4} random "
+                 f"features at head_dim {head_dim} (nb_features={nb_features})")
     return r
 
 
@@ -61,7 +82,7 @@ OP.reasons["torch"] = lambda **_: []  # float64 too: gradcheck runs on the refer
 if _C is not None and hasattr(_C, "performer_fwd_cpu"):
     OP.reasons["cpu"] = _reasons_dtype_dim
 if _C is not None and hasattr(_C, "performer_fwd_cuda"):
-    OP.reasons["cuda"] = _reasons_non_causal
+    OP.reasons["cuda"] = _reasons_cuda
 
 
 # ----------------------------------------------------------------------------- random features
@@ -106,7 +127,7 @@ def gaussian_orthogonal_random_matrix(
 
 
 if has_triton_kernel("performer"):
-    OP.reasons["triton"] = _reasons_non_causal
+    OP.reasons["triton"] = _reasons_triton
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -129,6 +150,11 @@ def _check_finite(q, k, v, projection, kpm):
         raise ValueError("performer_attention: projection contains NaN or infinity")
 
 
+def _cuda_flags(relu, causal):
+    """csrc/cuda/performer.cu takes the kernel choices as one int: bit 0 relu, bit 1 causal."""
+    return int(bool(relu)) | (int(bool(causal)) << 1)
+
+
 def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, D = q.shape
@@ -143,7 +169,7 @@ def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
         strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0, 0, 0, 0, 0, 0]
         _C.performer_fwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
                               out.data_ptr(), ck.data_ptr(), _pad_u8(kpm_u8), ws_c.data_ptr(), ws_z.data_ptr(),
-                              B, H, L, D, m, strides, int(relu), float(eps), cuda_stream(q))
+                              B, H, L, D, m, strides, _cuda_flags(relu, causal), float(eps), cuda_stream(q))
         return out, ck
     _C.performer_fwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
@@ -170,8 +196,8 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
         strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3]]
         _C.performer_bwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
                               out.data_ptr(), grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                              _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides, int(relu),
-                              float(eps), cuda_stream(q))
+                              _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides,
+                              _cuda_flags(relu, causal), float(eps), cuda_stream(q))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     _C.performer_bwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
@@ -313,7 +339,8 @@ def performer_attention(
     projection : (nb_features, head_dim) random feature matrix, e.g. from
         :func:`gaussian_orthogonal_random_matrix`. Receives no gradient.
     key_padding_mask : (batch, length) bool, True = padding, optional.
-    causal : prefix attention (query i sees keys j <= i).
+    causal : prefix attention (query i sees keys j <= i), on every backend as chunked prefix sums
+        (Triton: at most 256 random features; CUDA: one chunk row must fit 46 KB of shared memory).
     kernel : 'softmax' (positive random features, FAVOR+) or 'relu' (generalized attention).
     eps : feature epsilon; default as performer-pytorch: 1e-4 for softmax, 1e-3 for relu.
     backend : 'cuda', 'triton', 'cpu', 'torch' or 'auto'; see :mod:`biogen.ops`.
@@ -330,6 +357,7 @@ def performer_attention(
     """
     _check(q, k, v, projection, key_padding_mask, kernel, eps)
     eps = reference.performer_eps(kernel, eps)
-    chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=bool(causal))
+    chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=bool(causal),
+                       nb_features=projection.shape[0])
     out, _ = _fwd_op(q, k, v, projection, key_padding_mask, bool(causal), kernel == "relu", eps, chosen)
     return out

@@ -1,4 +1,4 @@
-"""Performer FAVOR+ attention in Triton (non-causal), forward and backward.
+"""Performer FAVOR+ attention in Triton, non-causal and causal, forward and backward.
 
 Features are computed one (rows x BLOCK_M features) tile at a time and never stored whole:
 
@@ -12,6 +12,7 @@ Features are computed one (rows x BLOCK_M features) tile at a time and never sto
 - backward: a query kernel (dq, and the per-row denominator and stabiliser it saves), a
   (batch*heads, feature block) kernel for dC = phi(Q)^T dnum and dz (deterministic, no atomics),
   and a key kernel (dk, dv).
+- causal: one program per (batch, head), a chunked prefix-sum sweep (see the causal section).
 Matrix products use ``input_precision="ieee"`` so float32 stays float32 (no TF32) on GPUs.
 """
 
@@ -296,6 +297,206 @@ def _bwd_key_kernel(k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, dc_ptr, dz_ptr, dk_ptr
     tl.store(dv_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :], dv, mask=omask)
 
 
+# ----------------------------------------------------------------------------- causal
+#
+# One program per (batch, head) walks the sequence in chunks of BLOCK_C rows, carrying the prefix
+# state in float32 registers: S = sum phi(k_j) v_j^T (BLOCK_F x BLOCK_D, every feature at once) and
+# z = sum phi(k_j). Per chunk, with A = tril(phi(Q_c) phi(K_c)^T):
+#   out_c = (phi(Q_c) S + A V_c) / (phi(Q_c) (z + 1e-6) + rowsum(A)),  then S += phi(K_c)^T V_c.
+# The backward runs the same sweep for dq and a reverse sweep (state R = sum phi(q_i) dnum_i^T,
+# r = sum dden_i phi(q_i) over later chunks) for dk and dv; see csrc/cpu/performer.cpp.
+
+
+@triton.jit
+def _round_to_store(x, dtype: tl.constexpr):
+    """Round-to-nearest-even before a bfloat16 store: Triton's interpreter truncates float32 ->
+    bfloat16 casts (one ulp of error at causal outputs of size ~1); exact on GPUs, which round."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _causal_chunk(q_ptr, k_ptr, v_ptr, w, pad_ptr, ck, b, h, c0, L, D, m,
+                  sqb, sqh, sql, skb, skh, skl, svb, svh, svl, s, ratio, eps,
+                  HAS_PAD: tl.constexpr, RELU: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Inputs and features of one chunk; padded rows are zero everywhere (phi too)."""
+    offs_l = c0 + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    fmask = offs_f < m
+    valid = offs_l < L
+    if HAS_PAD:
+        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
+    mask = valid[:, None] & (offs_d[None, :] < D)
+    xq = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+    xk = tl.load(k_ptr + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :], mask=mask, other=0.0)
+    vv = tl.load(v_ptr + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+    xq = xq.to(tl.float32)
+    xk = xk.to(tl.float32)
+    vv = vv.to(tl.float32)
+    ddq = tl.dot(xq, tl.trans(w), input_precision="ieee") * s
+    ddk = tl.dot(xk, tl.trans(w), input_precision="ieee") * s
+    diag_q = tl.sum(xq * xq, axis=1) * (s * s * 0.5)
+    diag_k = tl.sum(xk * xk, axis=1) * (s * s * 0.5)
+    if RELU:
+        cq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    else:
+        cq = tl.max(tl.where(fmask[None, :], ddq, -float("inf")), axis=1)
+    phq, eq = _phi(ddq, diag_q, cq[:, None], fmask, ratio, eps, RELU)
+    phk, ek = _phi(ddk, diag_k, ck, fmask, ratio, eps, RELU)
+    phq = tl.where(valid[:, None], phq, 0.0)
+    phk = tl.where(valid[:, None], phk, 0.0)
+    return offs_l, valid, xq, xk, vv, phq, eq, phk, ek
+
+
+@triton.jit
+def _through_features(dphi, e, x, w, fmask, s, ratio, RELU: tl.constexpr):
+    """dx = s G W - s^2 x sum_f G (softmax) or s G W (relu), G = dphi * dphi/d(s x.W)."""
+    if RELU:
+        g = tl.where(e > 0, dphi, 0.0)
+    else:
+        g = dphi * ratio * e
+    g = tl.where(fmask[None, :], g, 0.0)
+    dx = tl.dot(g, w, input_precision="ieee") * s
+    if not RELU:
+        dx = dx - (s * s) * tl.sum(g, axis=1)[:, None] * x
+    return dx
+
+
+@triton.jit
+def _causal_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr,
+                       H, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, s, ratio, eps, ceps,
+                       HAS_PAD: tl.constexpr, RELU: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    fmask = offs_f < m
+    w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    ck = tl.load(ck_ptr + bh)
+    causal_mask = tl.arange(0, BLOCK_C)[:, None] >= tl.arange(0, BLOCK_C)[None, :]
+    S = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for c0 in range(0, L, BLOCK_C):
+        offs_l, valid, xq, xk, vv, phq, eq, phk, ek = _causal_chunk(
+            q_ptr, k_ptr, v_ptr, w, pad_ptr, ck, b, h, c0, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+            s, ratio, eps, HAS_PAD, RELU, BLOCK_C, BLOCK_F, BLOCK_D)
+        a = tl.where(causal_mask, tl.dot(phq, tl.trans(phk), input_precision="ieee"), 0.0)
+        num = tl.dot(phq, S, input_precision="ieee") + tl.dot(a, vv, input_precision="ieee")
+        zc = tl.where(fmask, z + ceps, 0.0)
+        den = tl.sum(phq * zc[None, :], axis=1) + tl.sum(a, axis=1)
+        den = tl.where(valid, den, 1.0)
+        out = tl.where(valid[:, None], num / den[:, None], 0.0)
+        omask = (offs_l[:, None] < L) & (offs_d[None, :] < D)
+        tl.store(o_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :], _round_to_store(out, o_ptr.dtype.element_ty),
+                 mask=omask)
+        S += tl.dot(tl.trans(phk), vv, input_precision="ieee")
+        z += tl.sum(phk, axis=0)
+
+
+@triton.jit
+def _causal_bwd_q_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr, go_ptr, dq_ptr, den_ptr,
+                         H, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sgb, sgh, sgl,
+                         s, ratio, eps, ceps,
+                         HAS_PAD: tl.constexpr, RELU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq (forward sweep): dphi(Q_c) = dnum S^T + dden (z + 1e-6) + tril(dnum V_c^T + dden) phi(K_c);
+    saves every row's denominator for the reverse sweep."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    fmask = offs_f < m
+    w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    ck = tl.load(ck_ptr + bh)
+    causal_mask = tl.arange(0, BLOCK_C)[:, None] >= tl.arange(0, BLOCK_C)[None, :]
+    S = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    z = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for c0 in range(0, L, BLOCK_C):
+        offs_l, valid, xq, xk, vv, phq, eq, phk, ek = _causal_chunk(
+            q_ptr, k_ptr, v_ptr, w, pad_ptr, ck, b, h, c0, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+            s, ratio, eps, HAS_PAD, RELU, BLOCK_C, BLOCK_F, BLOCK_D)
+        mask = valid[:, None] & (offs_d[None, :] < D)
+        go = tl.load(go_ptr + b * sgb + h * sgh + offs_l[:, None] * sgl + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(o_ptr + b * sob + h * soh + offs_l[:, None] * sol + offs_d[None, :], mask=mask, other=0.0)
+        go = go.to(tl.float32)
+        o = o.to(tl.float32)
+        a = tl.where(causal_mask, tl.dot(phq, tl.trans(phk), input_precision="ieee"), 0.0)
+        zc = tl.where(fmask, z + ceps, 0.0)
+        den = tl.sum(phq * zc[None, :], axis=1) + tl.sum(a, axis=1)
+        den = tl.where(valid, den, 1.0)
+        dnum = go / den[:, None]
+        dden = tl.where(valid, -tl.sum(go * o, axis=1) / den, 0.0)
+        mm = tl.where(causal_mask, tl.dot(dnum, tl.trans(vv), input_precision="ieee") + dden[:, None], 0.0)
+        dphi = (tl.dot(dnum, tl.trans(S), input_precision="ieee") + dden[:, None] * zc[None, :]
+                + tl.dot(mm, phk, input_precision="ieee"))
+        dx = _through_features(dphi, eq, xq, w, fmask, s, ratio, RELU)
+        dx = tl.where(valid[:, None], dx, 0.0)
+        omask = (offs_l[:, None] < L) & (offs_d[None, :] < D)
+        tl.store(dq_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :], dx, mask=omask)
+        tl.store(den_ptr + bh * L + offs_l, den, mask=offs_l < L)
+        S += tl.dot(tl.trans(phk), vv, input_precision="ieee")
+        z += tl.sum(phk, axis=0)
+
+
+@triton.jit
+def _causal_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr, go_ptr, den_ptr, dk_ptr, dv_ptr,
+                          H, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sgb, sgh, sgl,
+                          s, ratio, eps, NCHUNK,
+                          HAS_PAD: tl.constexpr, RELU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk, dv (reverse sweep): dv_c = phi(K_c) R + triu(phi(K_c) phi(Q_c)^T) dnum_c,
+    dphi(K_c) = V_c R^T + r + triu(V_c dnum_c^T + dden^T) phi(Q_c)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_f = tl.arange(0, BLOCK_F)
+    fmask = offs_f < m
+    w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
+                other=0.0)
+    ck = tl.load(ck_ptr + bh)
+    upper = tl.arange(0, BLOCK_C)[:, None] <= tl.arange(0, BLOCK_C)[None, :]  # key row j, query column i >= j
+    R = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+    r = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for ci in range(0, NCHUNK):
+        c0 = (NCHUNK - 1 - ci) * BLOCK_C
+        offs_l, valid, xq, xk, vv, phq, eq, phk, ek = _causal_chunk(
+            q_ptr, k_ptr, v_ptr, w, pad_ptr, ck, b, h, c0, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+            s, ratio, eps, HAS_PAD, RELU, BLOCK_C, BLOCK_F, BLOCK_D)
+        mask = valid[:, None] & (offs_d[None, :] < D)
+        go = tl.load(go_ptr + b * sgb + h * sgh + offs_l[:, None] * sgl + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(o_ptr + b * sob + h * soh + offs_l[:, None] * sol + offs_d[None, :], mask=mask, other=0.0)
+        go = go.to(tl.float32)
+        o = o.to(tl.float32)
+        den = tl.load(den_ptr + bh * L + offs_l, mask=offs_l < L, other=1.0)
+        den = tl.where(valid, den, 1.0)
+        dnum = go / den[:, None]
+        dden = tl.where(valid, -tl.sum(go * o, axis=1) / den, 0.0)
+        at = tl.where(upper, tl.dot(phk, tl.trans(phq), input_precision="ieee"), 0.0)
+        dv = tl.dot(phk, R, input_precision="ieee") + tl.dot(at, dnum, input_precision="ieee")
+        mt = tl.where(upper, tl.dot(vv, tl.trans(dnum), input_precision="ieee") + dden[None, :], 0.0)
+        dphi = (tl.dot(vv, tl.trans(R), input_precision="ieee") + r[None, :]
+                + tl.dot(mt, phq, input_precision="ieee"))
+        dx = _through_features(dphi, ek, xk, w, fmask, s, ratio, RELU)
+        dx = tl.where(valid[:, None], dx, 0.0)
+        dv = tl.where(valid[:, None], dv, 0.0)
+        omask = (offs_l[:, None] < L) & (offs_d[None, :] < D)
+        tl.store(dk_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :], dx, mask=omask)
+        tl.store(dv_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :], dv, mask=omask)
+        R += tl.dot(tl.trans(phq), dnum, input_precision="ieee")
+        r += tl.sum(phq * dden[:, None], axis=0)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -339,12 +540,56 @@ def _key_state(k, v, w, kpm, relu, eps):
     return C.reshape(B * H, NBLK * BM, BD).contiguous(), z.reshape(B * H, NBLK * BM).contiguous(), c
 
 
+# performer-pytorch's causal_linear_attention_noncuda adds this to every prefix sum of phi(k).
+_CAUSAL_EPS = 1e-6
+
+
+def _causal_blocks(L, D, m):
+    return 16, max(16, triton.next_power_of_2(m)), max(16, triton.next_power_of_2(D))
+
+
+def _causal_forward(q, k, v, w, kpm, relu, eps):
+    B, H, L, D = q.shape
+    m = w.shape[0]
+    BC, BF, BD = _causal_blocks(L, D, m)
+    _, _, c = _key_state(k, v, w, kpm, relu, eps)
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    pad = kpm.contiguous().view(torch.uint8) if kpm is not None else q
+    ratio = 1.0 if relu else m ** -0.5
+    _causal_fwd_kernel[(B * H,)](
+        q, k, v, w, pad, c.contiguous(), out, H, L, D, m, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        D ** -0.25, ratio, eps, _CAUSAL_EPS, HAS_PAD=kpm is not None, RELU=relu, BLOCK_C=BC, BLOCK_F=BF, BLOCK_D=BD,
+    )
+    return out, c.view(B, H)
+
+
+def _causal_backward(grad_out, q, k, v, w, out, kpm, relu, eps):
+    B, H, L, D = q.shape
+    m = w.shape[0]
+    BC, BF, BD = _causal_blocks(L, D, m)
+    _, _, c = _key_state(k, v, w, kpm, relu, eps)
+    c = c.contiguous()
+    dev = q.device
+    dq = torch.empty((B, H, L, D), dtype=torch.float32, device=dev)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    den = torch.empty((B * H, L), dtype=torch.float32, device=dev)
+    pad = kpm.contiguous().view(torch.uint8) if kpm is not None else q
+    ratio = 1.0 if relu else m ** -0.5
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3])
+    meta = dict(HAS_PAD=kpm is not None, RELU=relu, BLOCK_C=BC, BLOCK_F=BF, BLOCK_D=BD)
+    _causal_bwd_q_kernel[(B * H,)](q, k, v, w, pad, c, out, grad_out, dq, den, H, L, D, m, *strides, D ** -0.25,
+                                   ratio, eps, _CAUSAL_EPS, **meta)
+    _causal_bwd_kv_kernel[(B * H,)](q, k, v, w, pad, c, out, grad_out, den, dk, dv, H, L, D, m, *strides,
+                                    D ** -0.25, ratio, eps, triton.cdiv(L, BC), **meta)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def forward(q, k, v, projection, kpm, causal, relu, eps):
-    if causal:
-        raise ValueError("the Triton performer_attention kernel is non-causal only")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, D = q.shape
     w = projection.detach().to(torch.float32).contiguous()
+    if causal:
+        return _causal_forward(q, k, v, w, kpm, relu, eps)
     m = w.shape[0]
     BL, BM, BD, NBLK = _blocks(L, D, m)
     C, z, c = _key_state(k, v, w, kpm, relu, eps)
@@ -359,11 +604,11 @@ def forward(q, k, v, projection, kpm, causal, relu, eps):
 
 
 def backward(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
-    if causal:
-        raise ValueError("the Triton performer_attention kernel is non-causal only")
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, H, L, D = q.shape
     w = projection.detach().to(torch.float32).contiguous()
+    if causal:
+        return _causal_backward(grad_out, q, k, v, w, out, kpm, relu, eps)
     m = w.shape[0]
     BL, BM, BD, NBLK = _blocks(L, D, m)
     MP = NBLK * BM
