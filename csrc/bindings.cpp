@@ -228,21 +228,21 @@ PYBIND11_MODULE(_C, m) {
   // strides: 15 values, (batch, head, row) for q, k, v, out, grad_out; workspaces allocated by Python.
   m.def("performer_fwd_cuda", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
                                  uintptr_t ck, uintptr_t pad, uintptr_t ws_C, uintptr_t ws_z, int B, int H, int L,
-                                 int D, int m_, std::vector<int64_t> strides, int relu, float eps, uintptr_t stream) {
+                                 int D, int m_, std::vector<int64_t> strides, int flags, float eps, uintptr_t stream) {
     BIOGEN_CHECK(strides.size() == 15, "performer_fwd_cuda needs 15 strides");
     py::gil_scoped_release nogil;
-    biogen::cuda::performer_fwd(dtype, q, k, v, proj, out, ck, pad, ws_C, ws_z, B, H, L, D, m_, strides.data(), relu,
+    biogen::cuda::performer_fwd(dtype, q, k, v, proj, out, ck, pad, ws_C, ws_z, B, H, L, D, m_, strides.data(), flags,
                                 eps, stream);
   });
   m.def("performer_bwd_cuda", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
                                  uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad,
                                  uintptr_t ws_C, uintptr_t ws_z, uintptr_t ws_dC, uintptr_t ws_dz, uintptr_t ws_den,
                                  uintptr_t ws_cq, uintptr_t ws_ck, int B, int H, int L, int D, int m_,
-                                 std::vector<int64_t> strides, int relu, float eps, uintptr_t stream) {
+                                 std::vector<int64_t> strides, int flags, float eps, uintptr_t stream) {
     BIOGEN_CHECK(strides.size() == 15, "performer_bwd_cuda needs 15 strides");
     py::gil_scoped_release nogil;
     biogen::cuda::performer_bwd(dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, ws_C, ws_z, ws_dC, ws_dz, ws_den,
-                                ws_cq, ws_ck, B, H, L, D, m_, strides.data(), relu, eps, stream);
+                                ws_cq, ws_ck, B, H, L, D, m_, strides.data(), flags, eps, stream);
   });
 #endif
   // masked gene attention (SPEC 1.1): see biogen/ops/masked_attention.py (_fwd_native, _bwd_native)
