@@ -52,9 +52,10 @@ static inline v16f vmin(v16f a, v16f b) {
 #endif
 }
 
-// 1 / d to ~1 ulp for finite d with |d| in [2^-125, 2^125]: the ISA's reciprocal estimate (14 bits
-// on AVX-512, 12 on AVX) and one Newton step, about half the cost of a division; the base build
-// divides. Not IEEE: no exact results, and d outside that range may give 0 or inf for the step.
+// 1 / d for finite d with |d| in [2^-125, 2^125], relative error below 1.5e-7 (AVX-512) or 2.5e-7
+// (AVX): the ISA's reciprocal estimate (14 or 12 bits) and one Newton step, fewer cycles than a
+// division; the base build divides. Not IEEE: 1 / 3 need not round correctly, and d outside that
+// range may give 0 or inf.
 static inline v16f vrcp(v16f d) {
 #if defined(__AVX512F__)
   const v16f r = (v16f)_mm512_rcp14_ps((__m512)d);
