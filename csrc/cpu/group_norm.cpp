@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -44,7 +45,66 @@ inline void st(typename S::T* p, v16f v) {
   }
 }
 
-inline v16f vsigmoid(v16f z) { return 1.f / (1.f + vexp(-z)); }
+// sigmoid(z) = 1 / (1 + e^-z): the SiLU was 2/3 of the forward's time with 1 / (1 + vexp(-z)). Leaner:
+// e^-z = 2^-m e^r with m = round(z log2 e), r = m ln2 - z in [-ln2/2, ln2/2]; z is clamped to +-87 so
+// 2^-m stays a normal float and no under/overflow or NaN selects are needed (outside the clamp the
+// sigmoid is 1 or below 2e-38, so z * sigmoid is still right to float resolution; a NaN z gives a
+// finite sigmoid but z * sigmoid stays NaN). vrcp instead of a division; under AVX-512 a 16-entry
+// table and a cubic, elsewhere a degree-5 polynomial fitted on that interval (relative error 1.6e-7)
+// instead of degree 6. The SiLU's relative error is below 5e-7 over the whole float range (tested
+// per ISA build).
+inline v16f vsigmoid(v16f z) {
+  const v16f zc = vmin(vmax(z, vbroadcast(-87.f)), vbroadcast(87.f));
+  const v16f magic = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+#if defined(__AVX512F__)
+  // Finer reduction, two fewer multiply-adds: m = round(16 z log2 e) = 16 q + j, e^-z = 2^-q 2^(-j/16)
+  // e^r with |r| <= ln2/32, 2^(-j/16) from a 16-entry table held in one register (vpermps takes the
+  // low 4 bits of t's bits, which are j), e^r to 9e-9 by its cubic Taylor polynomial.
+  const v16f table = {1.0f,        0.957603276f, 0.917004049f, 0.878126085f, 0.840896428f, 0.805245161f,
+                      0.771105409f, 0.738413095f, 0.707106769f, 0.677127779f, 0.648419797f, 0.620928884f,
+                      0.594603539f, 0.56939429f,  0.545253873f, 0.522136867f};
+  const v16f t = zc * 23.0831203f + magic;
+  const v16f m = t - magic;
+  const v16f r = m * 0.0433216989f - zc;
+  v16f p = r * (1.f / 6) + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  v16i bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  const v16f tj = (v16f)_mm512_permutexvar_ps((__m512i)bits, (__m512)table);
+  // bits(t) = bits(magic) + m; (m & ~15) << 19 = q << 23 and bits(magic) << 19 vanishes mod 2^32
+  v16i sbits;
+  std::memcpy(&sbits, &tj, sizeof(sbits));
+  sbits -= (bits & ~15) << 19;  // 2^(-j/16) 2^-q: q off the exponent field
+  v16f scale;
+  std::memcpy(&scale, &sbits, sizeof(scale));
+  return vrcp(p * scale + 1.f);
+#else
+  const v16f t = zc * 1.44269504088896341f + magic;
+  const v16f m = t - magic;
+#if defined(__FMA__)
+  // one rounding in the fused multiply-subtract; ln2's float error, 2e-9, times |m| <= 126 adds up to
+  // 2.4e-7 relative to e^-z (2e-8 for |z| < 10)
+  const v16f r = m * 0.693147182f - zc;
+#else
+  // without FMA m * ln2 would be rounded first: ln2 split in two so m * ln2_hi is exact
+  v16f r = m * 0.693359375f - zc;
+  r = m * -2.12194440e-4f + r;
+#endif
+  v16f p = vbroadcast(8.31252709e-3f);
+  p = p * r + 4.18901183e-2f;
+  p = p * r + 1.66671142e-1f;
+  p = p * r + 4.99992311e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  v16i bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = ((0x4B400000 + 127) - bits) << 23;  // 127 - m in the exponent field: 2^-m
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return vrcp(p * scale + 1.f);
+#endif
+}
 inline float ssigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
 template <int ACT>
