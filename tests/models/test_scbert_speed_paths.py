@@ -120,14 +120,15 @@ def test_bf16_autocast_step_close_to_float32():
     # the matmuls (projections, feed-forward, MLM head) ran in bf16; norms and loss stay float32
     assert logits16.dtype == torch.bfloat16 and enc16.dtype == torch.float32
     assert torch.isfinite(loss16)
-    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%) on every matmul input; through
-    # two layers the error stays within a few percent of the float32 loss and gradients
-    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%) on every matmul input: the loss
+    # (a mean over many positions) moves by far less than that, each gradient (rounding errors of
+    # two layers' backward matmuls, measured ~1%) by a few percent at most
+    torch.testing.assert_close(loss16, loss32, rtol=5e-3, atol=0)
     assert g16.keys() == g32.keys()
     for n, g in g32.items():
         assert g16[n].dtype == torch.float32 and torch.isfinite(g16[n]).all(), n
         rel = float((g16[n] - g).norm() / g.norm().clamp_min(1e-12))
-        assert rel < 6e-2, (n, rel)
+        assert rel < 3e-2, (n, rel)
 
 
 def test_fit_and_pretrain_mixed_precision_on_cpu():
