@@ -22,8 +22,8 @@ measures, per batch size:
 backward (the same work for every implementation; no optimizer step). ``inference``: forward under
 ``torch.no_grad``. ``extra_info``: cells/s, speed-up over the float32 baseline, peak extra memory
 of one step after a warm-up step (CUDA allocator peak, or sampled RSS above the pre-call RSS on a
-CPU, with glibc made to unmap freed blocks at once for that step so that RSS follows the live
-tensors, see ``_malloc_mode``) and its fraction of the baseline's; ``biogen-bf16`` adds the same two
+CPU, measured in a child process where glibc unmaps freed blocks at once so that RSS follows the
+live tensors, see ``_exact_rss``) and its fraction of the baseline's; ``biogen-bf16`` adds the same two
 against the autocast baseline.
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_scbert.py --benchmark-only
@@ -39,6 +39,8 @@ import contextlib
 import ctypes
 import gc
 import os
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 
@@ -70,24 +72,29 @@ def _autocast(impl):
     return torch.autocast(DEVICE.type, dtype=torch.float16 if DEVICE.type == "cuda" else torch.bfloat16)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+def _exact_rss():
+    """Make glibc return every freed block of 64 KiB or more to the OS at once (fixed mmap and trim
+    thresholds; by default glibc keeps blocks below 32 MiB in a heap it reuses), so that the sampled
+    RSS follows the live tensors. Used only in the child process that measures a CPU peak: the page
+    faults it costs on every allocation would slow the timed steps (biogen-bf16 ~1.45x)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 
 
-def _malloc_mode(exact: bool):
-    """CPU only. ``exact``: glibc returns every freed block of 64 KiB or more to the OS at once, so the
-    sampled RSS follows the live tensors and a case's peak does not depend on what earlier cases left
-    mapped (by default glibc serves blocks below 32 MiB from a heap it keeps). That costs page faults
-    on every allocation (biogen-bf16's step ~1.45x slower here), so steps are timed with the
-    thresholds glibc's own adaptive setting reaches after the first large free (mmap 32 MiB, trim
-    64 MiB). Both modes apply to every variant alike."""
+def _peak_extra(impl, batch, train) -> int:
+    """Peak extra memory (bytes) of one step after a warm-up step. CPU: measured in a fresh child
+    process with :func:`_exact_rss`, so it depends neither on earlier cases nor on glibc's heap."""
     if DEVICE.type != "cpu":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 if exact else 32 * 2**20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 if exact else 64 * 2**20)
-    except (OSError, AttributeError):
-        pass
+        run = _make_fn(impl, batch, train)
+        run()
+        with _PeakMemory() as mem:
+            run()
+        return mem.extra
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), impl, str(batch), str(int(train))], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def _release_freed_memory():
@@ -147,22 +154,18 @@ def _make_fn(impl, batch, train):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_scbert_paper(benchmark, impl, batch, mode):
-    run = _make_fn(impl, batch, mode == "train")
-    _malloc_mode(exact=False)
-    run()  # warm-up: one-time allocations (kernel caches, lazily created state) are not a step's
-    _malloc_mode(exact=True)
+    peak = _peak_extra(impl, batch, mode == "train")
     _release_freed_memory()
-    with _PeakMemory() as mem:
-        run()  # the peak memory of one step
-    _malloc_mode(exact=False)
+    run = _make_fn(impl, batch, mode == "train")
+    run()  # warm-up: one-time allocations (kernel caches, lazily created state) are not a step's
     benchmark.group = f"scBERT paper B={batch} L={LENGTH} {mode}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     mean = benchmark.stats.stats.mean
     info = benchmark.extra_info
-    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(mem.extra / 2**20, 1),
+    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(peak / 2**20, 1),
                 device=str(DEVICE), threads=torch.get_num_threads())
     if impl in BASELINES:
-        _BASELINE[(impl, batch, mode)] = (mean, mem.extra)
+        _BASELINE[(impl, batch, mode)] = (mean, peak)
         if impl == "performer-pytorch":
             return
     # every variant against the float32 baseline; the mixed-precision ones also against the same autocast
@@ -170,4 +173,14 @@ def test_scbert_paper(benchmark, impl, batch, mode):
         if (base, batch, mode) in _BASELINE:
             base_t, base_mem = _BASELINE[(base, batch, mode)]
             info[f"speedup_vs_{BASELINES[base]}"] = round(base_t / mean, 2)
-            info[f"peak_memory_fraction_of_{BASELINES[base]}"] = round(mem.extra / max(base_mem, 1), 3)
+            info[f"peak_memory_fraction_of_{BASELINES[base]}"] = round(peak / max(base_mem, 1), 3)
+
+
+if __name__ == "__main__":  # child of _peak_extra: python bench_scbert.py IMPL BATCH TRAIN -> peak bytes
+    _exact_rss()
+    _run = _make_fn(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    _run()
+    _release_freed_memory()
+    with _PeakMemory() as _mem:
+        _run()
+    print(_mem.extra)
