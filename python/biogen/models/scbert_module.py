@@ -50,7 +50,9 @@ class ScBERTConfig:
         None trains everything.
     backend : kernel backend for the Performer attention (None: automatic).
     gradient_checkpointing : recompute each layer in the backward pass instead of storing its
-        activations (at 16,907 genes: ~0.4 GB instead of ~2.3 GB per cell, ~1/3 more compute).
+        activations (``paper`` at 16,907 genes, float32: ~0.45 GB instead of ~1.7 GB per cell,
+        ~1.25x the step time; bf16 autocast without checkpointing: ~1.1 GB, see
+        benchmarks/bench_scbert.py).
     """
 
     dim: int = 200
