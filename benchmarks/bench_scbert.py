@@ -10,15 +10,25 @@ measures, per batch size:
 - ``biogen``: :class:`biogen.models.scbert.ScBERTModel` on the default kernel backend (C++ on CPU);
 - ``biogen-checkpointed``: the same with ``gradient_checkpointing=True`` (layers recomputed in the
   backward pass: less memory, more compute);
-- ``biogen-torch``: the same model under ``biogen.ops.use_backend("torch")`` (pure PyTorch ops).
+- ``biogen-torch``: the same model under ``biogen.ops.use_backend("torch")`` (pure PyTorch ops);
+- ``performer-pytorch-bf16`` and ``biogen-bf16``: the baseline and biogen under mixed precision,
+  ``torch.autocast(device, bfloat16)`` on a CPU (float16 on CUDA), as ``ScBERT.fit(...,
+  mixed_precision=True)``: matmuls in bf16, layer norms / softmax / cross-entropy in float32,
+  float32 parameters and gradients. On a CPU with AVX512-BF16 (or AMX) oneDNN's bf16 matmuls are
+  about twice as fast as float32 ones; the Performer kernel keeps float32 maths with bf16 I/O.
+  ``biogen-bf16`` reports its ratios against both baselines: float32 and the same autocast.
 
 ``train``: forward to the token logits of every position, cross-entropy against random tokens, and
 backward (the same work for every implementation; no optimizer step). ``inference``: forward under
-``torch.no_grad``. ``extra_info``: cells/s, speed-up over the baseline, peak extra memory (CUDA
-allocator peak, or sampled RSS above the pre-call RSS on a CPU) and its fraction of the baseline's.
+``torch.no_grad``. ``extra_info``: cells/s, speed-up over the float32 baseline, peak extra memory
+of one step after a warm-up step (CUDA allocator peak, or sampled RSS above the pre-call RSS on a
+CPU, measured in a child process where glibc unmaps freed blocks at once so that RSS follows the
+live tensors, see ``_exact_rss``) and its fraction of the baseline's; ``biogen-bf16`` adds the same two
+against the autocast baseline.
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_scbert.py --benchmark-only
 Env:  BIOGEN_BENCH_ROUNDS (default 1), BIOGEN_BENCH_SCBERT_BATCHES (default "1"),
+      BIOGEN_BENCH_SCBERT_IMPLS (comma-separated subset of the variants; default all),
       BIOGEN_BENCH_SCBERT_GENES (default 16906),
       BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
 """
@@ -29,6 +39,8 @@ import contextlib
 import ctypes
 import gc
 import os
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 
@@ -45,8 +57,44 @@ LENGTH = N_GENES + 1
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_SCBERT_BATCHES", "1").split(",")]
 ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "1"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-IMPLS = ("performer-pytorch", "biogen", "biogen-checkpointed", "biogen-torch")  # baseline first: the others report ratios
+# baselines first: the others report ratios against them
+ALL_IMPLS = ("performer-pytorch", "performer-pytorch-bf16", "biogen", "biogen-bf16", "biogen-checkpointed",
+             "biogen-torch")
+IMPLS = tuple(i for i in ALL_IMPLS if i in os.environ.get("BIOGEN_BENCH_SCBERT_IMPLS", ",".join(ALL_IMPLS)).split(","))
+BASELINES = {"performer-pytorch": "performer_pytorch", "performer-pytorch-bf16": "performer_pytorch_bf16"}
 _BASELINE: dict = {}
+
+
+def _autocast(impl):
+    """Mixed precision as ``ScBERT._autocast``: bfloat16 on a CPU, float16 on CUDA."""
+    if not impl.endswith("-bf16"):
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE.type, dtype=torch.float16 if DEVICE.type == "cuda" else torch.bfloat16)
+
+
+def _exact_rss():
+    """Make glibc return every freed block of 64 KiB or more to the OS at once (fixed mmap and trim
+    thresholds; by default glibc keeps blocks below 32 MiB in a heap it reuses), so that the sampled
+    RSS follows the live tensors. Used only in the child process that measures a CPU peak: the page
+    faults it costs on every allocation would slow the timed steps (biogen-bf16 ~1.45x)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _peak_extra(impl, batch, train) -> int:
+    """Peak extra memory (bytes) of one step after a warm-up step. CPU: measured in a fresh child
+    process with :func:`_exact_rss`, so it depends neither on earlier cases nor on glibc's heap."""
+    if DEVICE.type != "cpu":
+        run = _make_fn(impl, batch, train)
+        run()
+        with _PeakMemory() as mem:
+            run()
+        return mem.extra
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), impl, str(batch), str(int(train))], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def _release_freed_memory():
@@ -73,7 +121,7 @@ def _baseline_model():
 
 def _make_fn(impl, batch, train):
     torch.manual_seed(0)
-    if impl == "performer-pytorch":
+    if impl.startswith("performer-pytorch"):
         model = _baseline_model().to(DEVICE)
         logits = model
     else:
@@ -88,11 +136,13 @@ def _make_fn(impl, batch, train):
     def run():
         with backend():
             if train:
-                out = logits(x)
-                torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
+                with _autocast(impl):
+                    out = logits(x)
+                    loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+                loss.backward()
                 model.zero_grad(set_to_none=True)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(impl):
                     logits(x)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
@@ -104,20 +154,33 @@ def _make_fn(impl, batch, train):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_scbert_paper(benchmark, impl, batch, mode):
-    run = _make_fn(impl, batch, mode == "train")
+    peak = _peak_extra(impl, batch, mode == "train")
     _release_freed_memory()
-    with _PeakMemory() as mem:
-        run()  # first call: warm-up, and the peak memory of a step
+    run = _make_fn(impl, batch, mode == "train")
+    run()  # warm-up: one-time allocations (kernel caches, lazily created state) are not a step's
     benchmark.group = f"scBERT paper B={batch} L={LENGTH} {mode}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     mean = benchmark.stats.stats.mean
     info = benchmark.extra_info
-    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(mem.extra / 2**20, 1),
+    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(peak / 2**20, 1),
                 device=str(DEVICE), threads=torch.get_num_threads())
-    key = (batch, mode)
-    if impl == IMPLS[0]:
-        _BASELINE[key] = (mean, mem.extra)
-    elif key in _BASELINE:
-        base_t, base_mem = _BASELINE[key]
-        info["speedup_vs_performer_pytorch"] = round(base_t / mean, 2)
-        info["peak_memory_fraction_of_performer_pytorch"] = round(mem.extra / max(base_mem, 1), 3)
+    if impl in BASELINES:
+        _BASELINE[(impl, batch, mode)] = (mean, peak)
+        if impl == "performer-pytorch":
+            return
+    # every variant against the float32 baseline; the mixed-precision ones also against the same autocast
+    for base in ("performer-pytorch",) + (("performer-pytorch-bf16",) if impl == "biogen-bf16" else ()):
+        if (base, batch, mode) in _BASELINE:
+            base_t, base_mem = _BASELINE[(base, batch, mode)]
+            info[f"speedup_vs_{BASELINES[base]}"] = round(base_t / mean, 2)
+            info[f"peak_memory_fraction_of_{BASELINES[base]}"] = round(peak / max(base_mem, 1), 3)
+
+
+if __name__ == "__main__":  # child of _peak_extra: python bench_scbert.py IMPL BATCH TRAIN -> peak bytes
+    _exact_rss()
+    _run = _make_fn(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    _run()
+    _release_freed_memory()
+    with _PeakMemory() as _mem:
+        _run()
+    print(_mem.extra)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biogen.nn import PerformerAttention
+from biogen.nn.performer import _compute_dtype
 
 __all__ = ["ScBERTConfig", "ScBERTModel", "ScBERTOutput", "N_BINS", "MASK_TOKEN", "PRESETS"]
 
@@ -49,7 +50,9 @@ class ScBERTConfig:
         None trains everything.
     backend : kernel backend for the Performer attention (None: automatic).
     gradient_checkpointing : recompute each layer in the backward pass instead of storing its
-        activations (at 16,907 genes: ~0.4 GB instead of ~2.3 GB per cell, ~1/3 more compute).
+        activations (``paper`` at 16,907 genes, float32: ~0.45 GB instead of ~1.7 GB per cell,
+        ~1.25x the step time; bf16 autocast without checkpointing: ~1.1 GB, see
+        benchmarks/bench_scbert.py).
     """
 
     dim: int = 200
@@ -154,7 +157,44 @@ class _FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.w2(self.dropout(F.gelu(self.w1(x))))
+        h = self.w1(x)
+        if self.dropout.p > 0 and self.training:
+            return self.w2(self.dropout(F.gelu(h)))
+        return _GeluLinear.apply(h, self.w2.weight, self.w2.bias, _compute_dtype(h, self.w2.weight))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """y = Linear(GELU(h)) that saves the pre-activation h only and recomputes GELU(h) in the backward.
+
+    Plain autograd keeps both h (for GELU's backward) and GELU(h) (for the weight gradient): two
+    (length, ff_mult * dim) activations per layer, the largest ones of the model. One GELU more per
+    layer in the backward buys one of them back.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, dtype):
+        h_in_dtype = h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            h, w = h.to(dtype), weight.to(dtype)
+            y = F.linear(F.gelu(h), w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(h, w)
+        ctx.has_bias, ctx.h_dtype, ctx.w_dtype = bias is not None, h_in_dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g = g.to(w.dtype)
+        a = F.gelu(h)
+        g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+        dw = (g2.t() @ a2).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        del a, a2
+        dh = torch.ops.aten.gelu_backward(g @ w, h).to(ctx.h_dtype) if ctx.needs_input_grad[0] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            db = g2.sum(0, dtype=acc).to(ctx.w_dtype)
+        return dh, dw, db, None
 
 
 class PerformerLayer(nn.Module):

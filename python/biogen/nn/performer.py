@@ -10,7 +10,7 @@ import math
 from typing import Optional
 
 import torch
-from einops import rearrange
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import gaussian_orthogonal_random_matrix, performer_attention
@@ -83,7 +83,75 @@ class PerformerAttention(nn.Module):
             if int(self.calls_since_redraw) >= self.redraw_interval:
                 self.redraw_projection()
             self.calls_since_redraw += 1
-        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        # One (b, n, 3, h, d) projection; q, k, v are strided views of it (the kernels take any
+        # strides but the last): x is read (and, under autocast, cast) once, and the backward
+        # gathers dq, dk, dv with one copy into the layout the weight-gradient matmul needs.
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        b = (None if self.to_q.bias is None else torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))
+        qkv = F.linear(x, w, b).unflatten(-1, (3, self.heads, self.dim_head))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         out = performer_attention(q, k, v, self.projection, key_padding_mask=key_padding_mask,
                                   causal=self.causal, kernel=self.kernel, backend=self.backend)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return merge_heads_linear(out, self.to_out.weight, self.to_out.bias)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, weight)`` would compute in: the autocast dtype for float32 weights
+    under autocast on x's device, else the weight's dtype."""
+    dev = x.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+class _MergeHeadsLinear(torch.autograd.Function):
+    """y = rearrange(o, "b h n d -> b n (h d)") @ W^T + bias, keeping ``o`` in its head-major layout.
+
+    The merged (b, n, h*d) copy is needed by the forward matmul only; the backward is computed per
+    head from ``o`` itself. ``o`` is the attention output, which the attention kernel saves for its
+    own backward anyway, so no (b, n, h*d) activation is stored twice, and the gradient is written
+    straight into the head-major layout the kernel's backward reads (no transpose copy).
+    """
+
+    @staticmethod
+    def forward(ctx, o, weight, bias, dtype):
+        with torch.autocast(o.device.type, enabled=False):
+            o_c, w = o.to(dtype), weight.to(dtype)
+            y = F.linear(o_c.transpose(1, 2).flatten(2), w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(o_c, w)
+        ctx.has_bias, ctx.o_dtype, ctx.w_dtype = bias is not None, o.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        o, w = ctx.saved_tensors
+        B, H, L, D = o.shape
+        g = g.to(w.dtype)
+        w_heads = w.unflatten(1, (H, D))  # (dim, H, D)
+        do = dw = db = None
+        if ctx.needs_input_grad[0]:
+            do = torch.empty((B, H, L, D), dtype=w.dtype, device=o.device)
+            for bi in range(B):
+                for h in range(H):
+                    torch.mm(g[bi], w_heads[:, h], out=do[bi, h])
+            do = do.to(ctx.o_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty((w.shape[0], H, D), dtype=torch.float32 if w.dtype != torch.float64 else w.dtype,
+                             device=o.device)
+            for h in range(H):
+                acc = sum(g[bi].t() @ o[bi, h] for bi in range(B))
+                dw[:, h] = acc
+            dw = dw.flatten(1).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum((0, 1), dtype=torch.float32 if g.dtype != torch.float64 else g.dtype).to(ctx.w_dtype)
+        return do, dw, db, None
+
+
+def merge_heads_linear(o: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Output projection of multi-head attention from the head-major layout.
+
+    o: (batch, heads, length, head_dim); weight: (dim, heads * head_dim); bias: (dim,) or None.
+    Returns (batch, length, dim) = ``F.linear(rearrange(o, "b h n d -> b n (h d)"), weight, bias)``,
+    in the autocast dtype under autocast (as ``F.linear``).
+    """
+    return _MergeHeadsLinear.apply(o, weight, bias, _compute_dtype(o, weight))
