@@ -432,13 +432,15 @@ def test_bad_input_names_the_argument(mutate, match):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("name", ["q", "k", "v", "projection"])
-def test_non_finite_input_is_refused(backend, name):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_non_finite_input_is_refused(backend, name, bad, dtype):
     """Documented choice: NaN / inf outside the padding raises before the kernel runs."""
-    require(OP, backend, dtype=torch.float32, head_dim=8)
+    require(OP, backend, dtype=dtype, head_dim=8)
     q, k, v, w, pad = make_inputs(2, 2, 9, 8, 10)
-    a = dict(q=q, k=k, v=v, projection=w)
+    a = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), projection=w)
     a[name] = a[name].clone()
-    a[name].view(-1)[0] = float("inf") if name == "k" else float("nan")
+    a[name][(3, 5) if name == "projection" else (0, 0, 3, 5)] = bad  # cell 0 has no padding
     with pytest.raises(ValueError, match=f"{name} contains NaN or infinity"):
         performer_attention(a["q"], a["k"], a["v"], a["projection"], key_padding_mask=pad, backend=backend)
 

@@ -138,13 +138,23 @@ def _pad_u8(kpm: Optional[torch.Tensor]) -> int:
     return 0 if kpm is None else kpm.data_ptr()
 
 
+def _rows_finite(t: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length) True where a row of t has no NaN / infinity: one reduction pass and no
+    full-size temporary (the check runs on every call, on tensors of millions of values). A row sum
+    is non-finite iff a value is (bar overflow: float16 uses max and min instead)."""
+    if t.dtype == torch.float16:
+        return torch.isfinite(t.amax(-1)) & torch.isfinite(t.amin(-1))
+    return torch.isfinite(t.sum(-1))
+
+
 def _check_finite(q, k, v, projection, kpm):
     """Non-finite values in valid positions would poison a whole (batch, head) through the key sums;
     refuse them with a clear error instead (padding may hold anything)."""
-    valid = None if kpm is None else ~kpm[:, None, :, None]
     for name, t in (("q", q), ("k", k), ("v", v)):
-        x = t if valid is None else torch.where(valid, t, 0)
-        if not bool(torch.isfinite(x).all()):
+        ok = _rows_finite(t)
+        if kpm is not None:
+            ok = ok | kpm[:, None, :]
+        if not bool(ok.all()):
             raise ValueError(f"performer_attention: {name} contains NaN or infinity outside the padding")
     if not bool(torch.isfinite(projection).all()):
         raise ValueError("performer_attention: projection contains NaN or infinity")
