@@ -368,19 +368,24 @@ def _through_features(dphi, e, x, w, fmask, s, ratio, RELU: tl.constexpr):
 
 
 @triton.jit
-def _causal_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr,
-                       H, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, s, ratio, eps, ceps,
-                       HAS_PAD: tl.constexpr, RELU: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+def _causal_program(w_ptr, ck_ptr, H, D, m, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What every causal program starts from: its (batch, head), the offsets, the projection tile and
+    the key stabiliser."""
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     fmask = offs_f < m
     w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
                 other=0.0)
-    ck = tl.load(ck_ptr + bh)
+    return bh, bh // H, bh % H, offs_d, offs_f, fmask, w, tl.load(ck_ptr + bh)
+
+
+@triton.jit
+def _causal_fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr,
+                       H, L, D, m, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, s, ratio, eps, ceps,
+                       HAS_PAD: tl.constexpr, RELU: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh, b, h, offs_d, offs_f, fmask, w, ck = _causal_program(w_ptr, ck_ptr, H, D, m, BLOCK_F, BLOCK_D)
     causal_mask = tl.arange(0, BLOCK_C)[:, None] >= tl.arange(0, BLOCK_C)[None, :]
     S = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_F,), dtype=tl.float32)
@@ -409,15 +414,7 @@ def _causal_bwd_q_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr, go_
                          BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq (forward sweep): dphi(Q_c) = dnum S^T + dden (z + 1e-6) + tril(dnum V_c^T + dden) phi(K_c);
     saves every row's denominator for the reverse sweep."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_f = tl.arange(0, BLOCK_F)
-    fmask = offs_f < m
-    w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
-                other=0.0)
-    ck = tl.load(ck_ptr + bh)
+    bh, b, h, offs_d, offs_f, fmask, w, ck = _causal_program(w_ptr, ck_ptr, H, D, m, BLOCK_F, BLOCK_D)
     causal_mask = tl.arange(0, BLOCK_C)[:, None] >= tl.arange(0, BLOCK_C)[None, :]
     S = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
     z = tl.zeros((BLOCK_F,), dtype=tl.float32)
@@ -456,15 +453,7 @@ def _causal_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, o_ptr, go
                           BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk, dv (reverse sweep): dv_c = phi(K_c) R + triu(phi(K_c) phi(Q_c)^T) dnum_c,
     dphi(K_c) = V_c R^T + r + triu(V_c dnum_c^T + dden^T) phi(Q_c)."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_f = tl.arange(0, BLOCK_F)
-    fmask = offs_f < m
-    w = tl.load(w_ptr + offs_f[:, None] * D + offs_d[None, :], mask=fmask[:, None] & (offs_d[None, :] < D),
-                other=0.0)
-    ck = tl.load(ck_ptr + bh)
+    bh, b, h, offs_d, offs_f, fmask, w, ck = _causal_program(w_ptr, ck_ptr, H, D, m, BLOCK_F, BLOCK_D)
     upper = tl.arange(0, BLOCK_C)[:, None] <= tl.arange(0, BLOCK_C)[None, :]  # key row j, query column i >= j
     R = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
     r = tl.zeros((BLOCK_F,), dtype=tl.float32)
