@@ -461,6 +461,23 @@ __device__ __forceinline__ float chain(const Args& a, float dphi, float e) {
   return a.relu ? (e > 0.f ? dphi : 0.f) : dphi * a.ratio * e;
 }
 
+// The carried state of a sweep after one chunk of n rows: S[f, d] += sum_j P[j, f] X[j, d] and
+// z[f] += sum_j w_j P[j, f] (w = 1 when wts is null). Callers synchronise afterwards.
+__device__ void accumulate_state(const Args& a, const float* P, const float* X, const float* wts, int n, float* S,
+                                 float* z) {
+  for (int i = threadIdx.x; i < a.m * a.D; i += blockDim.x) {
+    const int f = i / a.D, d = i % a.D;
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j) acc += P[j * a.m + f] * X[j * a.D + d];
+    S[i] += acc;
+  }
+  for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j) acc += (wts == nullptr ? 1.f : wts[j]) * P[j * a.m + f];
+    z[f] += acc;
+  }
+}
+
 template <class T>
 __global__ void causal_fwd_kernel(Args a, int C, const T* q, const T* k, const T* v, const float* ck, float* Sg,
                                   float* zg, T* out) {
@@ -493,17 +510,7 @@ __global__ void causal_fwd_kernel(Args a, int C, const T* q, const T* k, const T
       const int t = i / a.D, d = i % a.D;
       out[((int64_t)bh * a.L + c0 + t) * a.D + d] = from_f<T>(c.ok[t] != 0.f ? c.Y[i] / c.den[t] : 0.f);
     }
-    for (int i = threadIdx.x; i < a.m * a.D; i += blockDim.x) {
-      const int f = i / a.D, d = i % a.D;
-      float acc = 0.f;
-      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f] * c.V[j * a.D + d];
-      S[i] += acc;
-    }
-    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
-      float acc = 0.f;
-      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f];
-      z[f] += acc;
-    }
+    accumulate_state(a, c.Pk, c.V, nullptr, n, S, z);
     __syncthreads();
   }
 }
@@ -557,17 +564,7 @@ __global__ void causal_bwd_kernel(Args a, int C, const T* q, const T* k, const T
     }
     __syncthreads();
     chunk_input_grad(a, c, c.Xq, c.Eq, n, dq + (row0 + c0) * a.D);
-    for (int i = threadIdx.x; i < mD; i += blockDim.x) {
-      const int f = i / a.D, d = i % a.D;
-      float acc = 0.f;
-      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f] * c.V[j * a.D + d];
-      S[i] += acc;
-    }
-    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
-      float acc = 0.f;
-      for (int j = 0; j < n; ++j) acc += c.Pk[j * a.m + f];
-      z[f] += acc;
-    }
+    accumulate_state(a, c.Pk, c.V, nullptr, n, S, z);
     __syncthreads();
   }
   // Reverse sweep: dv_c = phi(K_c) R + triu(phi(K_c) phi(Q_c)^T) dnum,
@@ -605,17 +602,7 @@ __global__ void causal_bwd_kernel(Args a, int C, const T* q, const T* k, const T
     }
     __syncthreads();
     chunk_input_grad(a, c, c.Xk, c.Ek, n, dk + (row0 + c0) * a.D);
-    for (int i = threadIdx.x; i < mD; i += blockDim.x) {
-      const int f = i / a.D, d = i % a.D;
-      float acc = 0.f;
-      for (int t = 0; t < n; ++t) acc += c.Pq[t * a.m + f] * c.G[t * a.D + d];
-      R[i] += acc;
-    }
-    for (int f = threadIdx.x; f < a.m; f += blockDim.x) {
-      float acc = 0.f;
-      for (int t = 0; t < n; ++t) acc += c.dden[t] * c.Pq[t * a.m + f];
-      r[f] += acc;
-    }
+    accumulate_state(a, c.Pq, c.G, c.dden, n, R, r);
     __syncthreads();
   }
 }
