@@ -27,12 +27,12 @@ BIOGEN_CPU_DECLARE(void, bin_csr,
                     int64_t n_edges, uint64_t seed, int64_t cell_offset, int32_t* out, int num_threads))
 // --- Performer FAVOR+ linear attention (csrc/cpu/performer.cpp) ---
 BIOGEN_CPU_DECLARE(void, performer_fwd,
-                   (int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int,
+                   (int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, int, int,
                     int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
                     int, float, int))
 BIOGEN_CPU_DECLARE(void, performer_bwd,
                    (int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                    uintptr_t, uintptr_t, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    uintptr_t, uintptr_t, uintptr_t, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
                     int, float, int))
 
@@ -207,21 +207,23 @@ PYBIND11_MODULE(_C, m) {
   // end diffusion
   // Performer FAVOR+ linear attention (biogen/ops/performer.py)
   m.def("performer_fwd_cpu", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
-                                uintptr_t ck, uintptr_t pad, int B, int H, int L, int D, int m_, int64_t qsb,
+                                uintptr_t ck, uintptr_t state, uintptr_t pad, int B, int H, int L, int D, int m_,
+                                int64_t qsb,
                                 int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb,
                                 int64_t vsh, int64_t vsl, int causal, int relu, float eps, int threads) {
     py::gil_scoped_release nogil;
-    BIOGEN_CPU_CALL(performer_fwd, dtype, q, k, v, proj, out, ck, pad, B, H, L, D, m_, qsb, qsh, qsl, ksb, ksh, ksl,
+    BIOGEN_CPU_CALL(performer_fwd, dtype, q, k, v, proj, out, ck, state, pad, B, H, L, D, m_, qsb, qsh, qsl, ksb, ksh, ksl,
                     vsb, vsh, vsl, causal, relu, eps, threads);
   });
   m.def("performer_bwd_cpu", [](int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
-                                uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, int B,
+                                uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad,
+                                uintptr_t state, int B,
                                 int H, int L, int D, int m_, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb,
                                 int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int64_t osb,
                                 int64_t osh, int64_t osl, int64_t gsb, int64_t gsh, int64_t gsl, int causal,
                                 int relu, float eps, int threads) {
     py::gil_scoped_release nogil;
-    BIOGEN_CPU_CALL(performer_bwd, dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, B, H, L, D, m_, qsb, qsh, qsl,
+    BIOGEN_CPU_CALL(performer_bwd, dtype, q, k, v, proj, out, gout, dq, dk, dv, pad, state, B, H, L, D, m_, qsb, qsh, qsl,
                     ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl, gsb, gsh, gsl, causal, relu, eps, threads);
   });
 #ifdef BIOGEN_WITH_CUDA

@@ -359,6 +359,36 @@ void all_key_states(const Problem<S>& P, const typename S::T* k, const int64_t* 
   }
 }
 
+// The forward's key states, kept for the backward: per (b, h), C (Mp x Dp), z (Mp), then the
+// stabiliser: Mp * Dp + Mp + 1 floats (the size biogen/ops/performer.py allocates).
+template <class S>
+void save_key_states(const Problem<S>& P, const std::vector<float>& C, const std::vector<float>& z,
+                     const std::vector<float>& cst, float* state) {
+  const size_t MD = (size_t)P.Mp * P.Dp, per = MD + P.Mp + 1;
+  for (int bh = 0; bh < P.B * P.H; ++bh) {
+    float* s = state + bh * per;
+    std::copy_n(C.data() + bh * MD, MD, s);
+    std::copy_n(z.data() + (size_t)bh * P.Mp, P.Mp, s + MD);
+    s[MD + P.Mp] = cst[bh];
+  }
+}
+
+template <class S>
+void load_key_states(const Problem<S>& P, const float* state, std::vector<float>& C, std::vector<float>& z,
+                     std::vector<float>& cst) {
+  const int BH = P.B * P.H;
+  const size_t MD = (size_t)P.Mp * P.Dp, per = MD + P.Mp + 1;
+  C.resize((size_t)BH * MD);
+  z.resize((size_t)BH * P.Mp);
+  cst.resize(BH);
+  for (int bh = 0; bh < BH; ++bh) {
+    const float* s = state + bh * per;
+    std::copy_n(s, MD, C.data() + bh * MD);
+    std::copy_n(s + MD, P.Mp, z.data() + (size_t)bh * P.Mp);
+    cst[bh] = s[MD + P.Mp];
+  }
+}
+
 // Valid rows of one tile of positions [t0, t0 + kTile).
 template <class S>
 int tile_rows(const Problem<S>& P, int b, int t0, int* idx) {
@@ -387,11 +417,12 @@ struct Strides {
 
 template <class S>
 void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
-                   typename S::T* out, float* ck, const Strides& st, int threads) {
+                   typename S::T* out, float* ck, float* state, const Strides& st, int threads) {
   std::vector<float> C, z, cst;
   all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
   const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
   const size_t MD = (size_t)P.Mp * P.Dp;
+  if (state != nullptr) save_key_states(P, C, z, cst, state);
 #pragma omp parallel num_threads(threads)
   {
     Tile w(P.Dp, P.Mp);
@@ -421,9 +452,12 @@ void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
 template <class S>
 void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
                    const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
-                   const Strides& st, int threads) {
+                   const float* state, const Strides& st, int threads) {
   std::vector<float> C, z, cst;
-  all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
+  if (state != nullptr)
+    load_key_states(P, state, C, z, cst);  // saved by the forward: no second pass over the keys
+  else
+    all_key_states(P, k, st.k, v, st.v, threads, C, z, cst);
   const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
   const size_t MD = (size_t)P.Mp * P.Dp;
   // C^T per (b, h) for dphi(q) = dnum C^T as a row-broadcast product.
@@ -832,7 +866,7 @@ Problem<S> make_problem(const float* W, const uint8_t* pad, int B, int H, int L,
 }  // namespace
 
 void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out, uintptr_t ck,
-                   uintptr_t pad, int B, int H, int L, int D, int m, int64_t qsb, int64_t qsh, int64_t qsl,
+                   uintptr_t state, uintptr_t pad, int B, int H, int L, int D, int m, int64_t qsb, int64_t qsh, int64_t qsl,
                    int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int causal,
                    int relu, float eps, int threads) {
   Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {0, 0, 0}, {0, 0, 0}};
@@ -842,12 +876,13 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
     if (causal)
       fwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, st, threads);
     else
-      fwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, st, threads);
+      fwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, (float*)state, st, threads);
   });
 }
 
 void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t proj, uintptr_t out,
-                   uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, int B, int H, int L,
+                   uintptr_t gout, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t pad, uintptr_t state, int B,
+                   int H, int L,
                    int D, int m, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl,
                    int64_t vsb, int64_t vsh, int64_t vsl, int64_t osb, int64_t osh, int64_t osl, int64_t gsb,
                    int64_t gsh, int64_t gsl, int causal, int relu, float eps, int threads) {
@@ -860,7 +895,7 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
                  (float*)dv, st, threads);
     else
       bwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq,
-                    (float*)dk, (float*)dv, st, threads);
+                    (float*)dk, (float*)dv, (const float*)state, st, threads);
   });
 }
 

@@ -90,7 +90,11 @@ def test_layer_saves_no_activation_twice():
 
     per_pos = 2 * 64 * 4  # positions x float32 bytes
     hd, ff = c.heads * c.dim_head, c.ff_mult * c.dim
-    assert wide_bytes(lambda: layer(x)) == per_pos * (3 * hd + hd + ff)
+    # plus the C++ kernel's key state: C = phi(K)^T V, z and the stabiliser per (batch, head), not per position
+    from biogen.ops.performer import _state_size
+
+    state = 2 * c.heads * _state_size(c.dim_head, c.nb_features) * 4
+    assert wide_bytes(lambda: layer(x)) == per_pos * (3 * hd + hd + ff) + state
 
     def plain():
         a = _plain_attention(layer.attn, layer.attn_norm(x), None)
@@ -98,7 +102,7 @@ def test_layer_saves_no_activation_twice():
         f = layer.ff
         return h + f.w2(F.gelu(f.w1(layer.ff_norm(h))))
 
-    assert wide_bytes(plain) == per_pos * (3 * hd + 2 * hd + 2 * ff)
+    assert wide_bytes(plain) == per_pos * (3 * hd + 2 * hd + 2 * ff) + state
 
 
 def _tiny_step(model, tokens, target, autocast):

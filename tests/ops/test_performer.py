@@ -365,7 +365,7 @@ def test_key_stabiliser_is_per_batch_and_head_over_valid_keys(causal):
     expected = dd.masked_fill(pad[:, None, :, None], -math.inf).amax(dim=(-1, -2))
     expected = torch.where(torch.isfinite(expected), expected, 0)
     for backend in [b for b in ("torch", "cpu", "triton") if b in OP.reasons]:
-        _, ck = _fwd_op(q, k, v, w, pad, causal, False, 1e-4, backend)
+        _, ck, _ = _fwd_op(q, k, v, w, pad, causal, False, 1e-4, backend)
         assert ck.shape == (3, 3)
         torch.testing.assert_close(ck, expected, atol=1e-5, rtol=1e-5)
 
@@ -377,9 +377,24 @@ def test_opcheck(backend):
     q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
     torch.library.opcheck(_fwd_op, (q, k, v, w, pad, False, False, 1e-4, backend))
     torch.library.opcheck(_fwd_op, (q, k, v, w, None, True, True, 1e-3, backend))
-    out, _ = _fwd_op(q.detach(), k.detach(), v.detach(), w, pad, False, False, 1e-4, backend)
-    torch.library.opcheck(_bwd_op, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), w, out, pad,
+    out, _, state = _fwd_op(q.detach(), k.detach(), v.detach(), w, pad, False, False, 1e-4, backend)
+    torch.library.opcheck(_bwd_op, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), w, out, state, pad,
                                     False, False, 1e-4, backend))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["softmax", "relu"])
+def test_cpu_backward_from_saved_key_state_equals_recomputing_it(relu):
+    """The C++ non-causal forward keeps C = phi(K)^T V, z and the stabiliser for its backward; the
+    backward given no state recomputes them from k and v: both must give the same gradients."""
+    require(OP, "cpu", dtype=torch.float32, head_dim=20)
+    q, k, v, w, pad = make_inputs(2, 3, 97, 20, 45)
+    out, _, state = _fwd_op(q, k, v, w, pad, False, relu, 1e-4, "cpu")
+    assert state.shape[:2] == (2, 3) and state.numel() > 0
+    g = torch.randn_like(out)
+    saved = _bwd_op(g, q, k, v, w, out, state, pad, False, relu, 1e-4, "cpu")
+    again = _bwd_op(g, q, k, v, w, out, torch.empty(0), pad, False, relu, 1e-4, "cpu")
+    for a, b in zip(saved, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph():

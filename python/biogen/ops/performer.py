@@ -171,6 +171,7 @@ def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
     w = projection.detach().to(torch.float32).contiguous()
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     ck = torch.empty((B, H), dtype=torch.float32, device=q.device)
+    state = _empty_state(q.device, B, H, D, w.shape[0], "cuda" if q.device.type == "cuda" else "cpu", causal)
     kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
     if q.device.type == "cuda":
         m = w.shape[0]
@@ -180,16 +181,16 @@ def _fwd_native(q, k, v, projection, kpm, causal, relu, eps):
         _C.performer_fwd_cuda(DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
                               out.data_ptr(), ck.data_ptr(), _pad_u8(kpm_u8), ws_c.data_ptr(), ws_z.data_ptr(),
                               B, H, L, D, m, strides, _cuda_flags(relu, causal), float(eps), cuda_stream(q))
-        return out, ck
+        return out, ck, state
     _C.performer_fwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
-        ck.data_ptr(), _pad_u8(kpm_u8), B, H, L, D, w.shape[0], *q.stride()[:3], *k.stride()[:3],
+        ck.data_ptr(), state.data_ptr() if state.numel() else 0, _pad_u8(kpm_u8), B, H, L, D, w.shape[0], *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], int(causal), int(relu), float(eps), num_threads(),
     )
-    return out, ck
+    return out, ck, state
 
 
-def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
+def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps, state):
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, H, L, D = q.shape
     w = projection.detach().to(torch.float32).contiguous()
@@ -211,28 +212,46 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     _C.performer_bwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
-        grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pad_u8(kpm_u8), B, H, L, D,
+        grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pad_u8(kpm_u8),
+        state.data_ptr() if state.numel() else 0, B, H, L, D,
         w.shape[0], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *grad_out.stride()[:3], int(causal), int(relu), float(eps), num_threads(),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _state_size(D: int, m: int) -> int:
+    """Floats per (batch, head) of the key state the C++ forward keeps for its backward: C (Mp x Dp),
+    z (Mp) and the stabiliser, with the kernel's padding (Dp: multiple of 16, Mp: of 32)."""
+    dp, mp = -(-D // 16) * 16, -(-m // 32) * 32
+    return mp * dp + mp + 1
+
+
+def _empty_state(device, B, H, D, m, backend, causal) -> torch.Tensor:
+    """The key state output: filled by the C++ non-causal forward, empty (nothing saved, the backward
+    recomputes) for every other backend and for causal attention."""
+    n = _state_size(D, m) if backend == "cpu" and not causal else 0
+    return torch.empty((B, H, n) if n else (0,), dtype=torch.float32, device=device)
+
+
 def _run_fwd(backend, q, k, v, projection, kpm, causal, relu, eps):
-    if backend == "torch":
-        return reference.performer_attention_ref(q, k, v, projection, kpm, causal, "relu" if relu else "softmax", eps)
-    if backend == "triton":
-        return triton_kernel("performer").forward(q, k, v, projection, kpm, causal, relu, eps)
+    if backend in ("torch", "triton"):
+        if backend == "torch":
+            out, ck = reference.performer_attention_ref(q, k, v, projection, kpm, causal,
+                                                        "relu" if relu else "softmax", eps)
+        else:
+            out, ck = triton_kernel("performer").forward(q, k, v, projection, kpm, causal, relu, eps)
+        return out, ck, _empty_state(q.device, *q.shape[:2], q.shape[3], projection.shape[0], backend, causal)
     return _fwd_native(q, k, v, projection, kpm, causal, relu, eps)
 
 
-def _run_bwd(backend, grad_out, q, k, v, projection, out, kpm, causal, relu, eps):
+def _run_bwd(backend, grad_out, q, k, v, projection, out, kpm, causal, relu, eps, state):
     if backend == "torch":
         return reference.performer_attention_bwd_ref(grad_out, q, k, v, projection, kpm, causal,
                                                      "relu" if relu else "softmax", eps)
     if backend == "triton":
         return triton_kernel("performer").backward(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
-    return _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps)
+    return _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps, state)
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -249,8 +268,9 @@ def _fwd_op(
     relu: bool,
     eps: float,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, key_stabiliser (batch, heads) float32 (float64 for float64 inputs))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, key_stabiliser (batch, heads) float32 (float64 for float64 inputs), key_state
+    (see :func:`_empty_state`))."""
     _check_finite(q, k, v, projection, key_padding_mask)
     return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
 
@@ -258,7 +278,8 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(q, k, v, projection, key_padding_mask, causal, relu, eps, backend):
     B, H, L, D = q.shape
-    return q.new_empty((B, H, L, D)), q.new_empty((B, H), dtype=reference._lse_dtype(q.dtype))
+    return (q.new_empty((B, H, L, D)), q.new_empty((B, H), dtype=reference._lse_dtype(q.dtype)),
+            _empty_state(q.device, B, H, D, projection.shape[0], backend, causal))
 
 
 @torch.library.custom_op("biogen::performer_attention_bwd", mutates_args=())
@@ -269,33 +290,35 @@ def _bwd_op(
     v: torch.Tensor,
     projection: torch.Tensor,
     out: torch.Tensor,
+    key_state: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor],
     causal: bool,
     relu: bool,
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps)
+    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps,
+                          key_state)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps, backend):
+def _(grad_out, q, k, v, projection, out, key_state, key_padding_mask, causal, relu, eps, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, kpm, causal, relu, eps, backend = inputs
-    out, ck = output
-    ctx.save_for_backward(q, k, v, projection, out, kpm)
+    out, ck, state = output
+    ctx.save_for_backward(q, k, v, projection, out, state, kpm)
     ctx.causal, ctx.relu, ctx.eps, ctx.backend = causal, relu, eps, backend
-    ctx.mark_non_differentiable(ck)
+    ctx.mark_non_differentiable(ck, state)
 
 
-def _backward(ctx, grad_out, grad_ck):
-    q, k, v, projection, out, kpm = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, projection, out, kpm, ctx.causal, ctx.relu, ctx.eps,
-                         ctx.backend)
+def _backward(ctx, grad_out, grad_ck, grad_state):
+    q, k, v, projection, out, state, kpm = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, projection, out, state, kpm, ctx.causal, ctx.relu,
+                         ctx.eps, ctx.backend)
     # No gradient for the projection: it is a random feature draw, not a parameter.
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -369,5 +392,5 @@ def performer_attention(
     eps = reference.performer_eps(kernel, eps)
     chosen = OP.select(backend, q.device, dtype=q.dtype, head_dim=q.shape[-1], causal=bool(causal),
                        nb_features=projection.shape[0])
-    out, _ = _fwd_op(q, k, v, projection, key_padding_mask, bool(causal), kernel == "relu", eps, chosen)
+    out, _, _ = _fwd_op(q, k, v, projection, key_padding_mask, bool(causal), kernel == "relu", eps, chosen)
     return out
