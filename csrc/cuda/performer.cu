@@ -461,6 +461,18 @@ __device__ __forceinline__ float chain(const Args& a, float dphi, float e) {
   return a.relu ? (e > 0.f ? dphi : 0.f) : dphi * a.ratio * e;
 }
 
+// The causal denominators of a chunk's rows, phi(q_t) . (z + 1e-6) + sum_{j <= t} A[t, j] (1 on padding),
+// into c.den (and into keep when given, for the reverse sweep).
+__device__ void chunk_denominators(const Args& a, const Chunk& c, const float* z, int n, int C, float* keep) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    float d = 0.f;
+    for (int f = 0; f < a.m; ++f) d += c.Pq[t * a.m + f] * (z[f] + kCausalEps);
+    for (int j = 0; j <= t; ++j) d += c.A[t * C + j];
+    c.den[t] = c.ok[t] != 0.f ? d : 1.f;
+    if (keep != nullptr) keep[t] = c.den[t];
+  }
+}
+
 // The carried state of a sweep after one chunk of n rows: S[f, d] += sum_j P[j, f] X[j, d] and
 // z[f] += sum_j w_j P[j, f] (w = 1 when wts is null). Callers synchronise afterwards.
 __device__ void accumulate_state(const Args& a, const float* P, const float* X, const float* wts, int n, float* S,
@@ -492,12 +504,7 @@ __global__ void causal_fwd_kernel(Args a, int C, const T* q, const T* k, const T
   for (int c0 = 0; c0 < a.L; c0 += C) {
     const int n = chunk_setup(a, c, C, q, k, v, ck[bh], b, h, c0);
     chunk_scores(a, c.Pq, c.Pk, n, C, true, c.A);
-    for (int t = threadIdx.x; t < n; t += blockDim.x) {
-      float d = 0.f;
-      for (int f = 0; f < a.m; ++f) d += c.Pq[t * a.m + f] * (z[f] + kCausalEps);
-      for (int j = 0; j <= t; ++j) d += c.A[t * C + j];
-      c.den[t] = c.ok[t] != 0.f ? d : 1.f;
-    }
+    chunk_denominators(a, c, z, n, C, nullptr);
     for (int i = threadIdx.x; i < n * a.D; i += blockDim.x) {
       const int t = i / a.D, d = i % a.D;
       float acc = 0.f;
@@ -536,13 +543,7 @@ __global__ void causal_bwd_kernel(Args a, int C, const T* q, const T* k, const T
   for (int c0 = 0; c0 < a.L; c0 += C) {
     const int n = chunk_setup(a, c, C, q, k, v, ck[bh], b, h, c0);
     chunk_scores(a, c.Pq, c.Pk, n, C, true, c.A);
-    for (int t = threadIdx.x; t < n; t += blockDim.x) {
-      float d = 0.f;
-      for (int f = 0; f < a.m; ++f) d += c.Pq[t * a.m + f] * (z[f] + kCausalEps);
-      for (int j = 0; j <= t; ++j) d += c.A[t * C + j];
-      c.den[t] = c.ok[t] != 0.f ? d : 1.f;
-      den_bh[c0 + t] = c.den[t];
-    }
+    chunk_denominators(a, c, z, n, C, den_bh + c0);
     __syncthreads();
     chunk_output_grads(a, c, out, gout, b, h, c0, n);
     for (int i = threadIdx.x; i < n * n; i += blockDim.x) {  // A <- M = tril(dnum V^T + dden)
