@@ -254,20 +254,19 @@ def rank_batches(order, batch_size: int, *, min_per_rank: int = 1):
     """
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    w, r = world_size(), rank()
     order = np.asarray(order)
     for s in range(0, len(order), batch_size):
         b = order[s:s + batch_size]
-        if len(b) < w * min_per_rank:
+        if len(b) < world_size() * min_per_rank:
             break
-        part = np.array_split(b, w)[r]
-        yield part, len(part) * w / len(b)
+        part, scale = rank_share(len(b), min_per_rank=min_per_rank)
+        yield b[part], scale
 
 
 def rank_share(n_global: int, *, min_per_rank: int = 1) -> tuple[slice, float]:
     """This rank's contiguous part of one global batch of ``n_global`` items, and its loss scale.
 
-    The same split as :func:`rank_batches` (``np.array_split`` order) for trainers that draw their
+    The split :func:`rank_batches` uses (``np.array_split`` order), for trainers that draw their
     global batch themselves (random indices per step) or draw per-sample noise for the whole global
     batch and keep their part of it. ``loss_scale`` = ``n_local * world / n_global`` (1.0 in one
     process). Raises a ValueError when the batch cannot give every rank ``min_per_rank`` items.
