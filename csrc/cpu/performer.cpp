@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -21,6 +23,7 @@
 #endif
 
 #include "biogen/common.h"
+#include "biogen/cpu_dispatch.h"
 #include "biogen/vec.h"
 
 namespace BIOGEN_CPU_NS {
@@ -64,18 +67,28 @@ inline void micro_nn(const float* X, int ldx, int K, const float* Bm, int ldb, f
     for (int c = 0; c < NC; ++c) vstore(Y + (int64_t)r * ldy + c * kVec, acc[r][c]);
 }
 
-// Y = X @ Bm for `rows` rows and `ncols` (a multiple of 16) columns.
+// Y = X @ Bm for R rows and `ncols` (a multiple of 16) columns: register tiles of R x 64 columns
+// (6 x 4 = 24 accumulators: 10 loads for 24 FMAs, enough independent chains to fill both FMA pipes).
+template <int R>
+void gemm_nn_rows(const float* X, int ldx, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
+  int c = 0;
+  for (; c + 64 <= ncols; c += 64) micro_nn<R, 4>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
+  for (; c + 32 <= ncols; c += 32) micro_nn<R, 2>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
+  for (; c < ncols; c += 16) micro_nn<R, 1>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
+}
+
 void gemm_nn(const float* X, int ldx, int rows, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    int c = 0;
-    for (; c + 32 <= ncols; c += 32) micro_nn<4, 2>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
-    for (; c < ncols; c += 16) micro_nn<4, 1>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
-  }
-  for (; r < rows; ++r) {
-    int c = 0;
-    for (; c + 32 <= ncols; c += 32) micro_nn<1, 2>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
-    for (; c < ncols; c += 16) micro_nn<1, 1>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+  for (; r + 6 <= rows; r += 6) gemm_nn_rows<6>(X + (int64_t)r * ldx, ldx, K, Bm, ldb, ncols, Y + (int64_t)r * ldy, ldy);
+  X += (int64_t)r * ldx;
+  Y += (int64_t)r * ldy;
+  switch (rows - r) {
+    case 5: gemm_nn_rows<5>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    case 4: gemm_nn_rows<4>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    case 3: gemm_nn_rows<3>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    case 2: gemm_nn_rows<2>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    case 1: gemm_nn_rows<1>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    default: break;
   }
 }
 
@@ -132,6 +145,123 @@ inline float dot(const float* a, const float* b, int n) {  // n a multiple of 16
   return biogen::vsum(acc);
 }
 
+// ----------------------------------------------------------------------------- bf16 dot products
+// With bfloat16 inputs on a CPU with AVX512-BF16 (CpuCap::avx512_bf16) the non-causal kernel takes
+// its products as torch.autocast takes a matmul: operands rounded to bf16 (nearest even), sums in
+// float32, here with VDPBF16PS (two products per lane: twice the rate of float32 FMAs). Operands
+// are packed in pairs along the contraction index k: word (k/2, n) holds element (k, n) in its low
+// and (k + 1, n) in its high 16 bits (zero past the end).
+#if defined(__AVX512F__) && defined(__GNUC__)
+#define BIOGEN_BF16_DOT 1
+#define BIOGEN_TARGET_BF16 __attribute__((target("avx512bf16")))
+#else
+#define BIOGEN_BF16_DOT 0
+#endif
+
+#if BIOGEN_BF16_DOT
+typedef uint32_t v16u __attribute__((vector_size(64), aligned(64)));
+typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2)));
+
+inline v16u bf16_bits(v16f x) {  // round to nearest even (finite inputs), in the low 16 bits
+  v16u u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// out (ceil(rows/2) x N words) = rows x N of A (ld lda) in pairs of rows; N a multiple of 16.
+inline void pack_row_pairs(const float* A, int lda, int rows, int N, uint32_t* out) {
+  for (int k = 0; k < rows; k += 2) {
+    const float* a0 = A + (int64_t)k * lda;
+    uint32_t* o = out + (int64_t)(k / 2) * N;
+    for (int n = 0; n < N; n += kVec) {
+      v16u w = bf16_bits(vload(a0 + n));
+      if (k + 1 < rows) w |= bf16_bits(vload(a0 + lda + n)) << 16;
+      std::memcpy(o + n, &w, sizeof(w));
+    }
+  }
+}
+
+// out (rows x K2 words) = columns [0, 2 K2) of X in bf16: pairs along a row are its bf16 layout.
+// X must hold 2 K2 columns rounded up to 16 (the kernels' padded tiles, zero past K).
+inline void pack_col_pairs(const float* X, int ldx, int rows, int K2, uint32_t* out) {
+  for (int r = 0; r < rows; ++r) {
+    uint16_t* o = (uint16_t*)(out + (int64_t)r * K2);
+    const float* x = X + (int64_t)r * ldx;
+    int j = 0;
+    for (; j + kVec <= 2 * K2; j += kVec) *(v16h_u*)(o + j) = __builtin_convertvector(bf16_bits(vload(x + j)), v16h_u);
+    if (j < 2 * K2) {
+      const v16h_u t = __builtin_convertvector(bf16_bits(vload(x + j)), v16h_u);
+      for (int i = 0; j + i < 2 * K2; ++i) o[j + i] = t[i];
+    }
+  }
+}
+
+// Y[R x 16 NC] (+)= X @ B with X word (r, k) at X[r xr + k xk] and B packed (K2 x ldb words).
+template <int R, int NC>
+BIOGEN_TARGET_BF16 inline void micro_dp(const uint32_t* X, int64_t xr, int64_t xk, int K2, const uint32_t* Bp,
+                                        int64_t ldb, float* Y, int64_t ldy, bool accumulate) {
+  __m512 acc[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[r][c] = accumulate ? _mm512_loadu_ps(Y + r * ldy + c * kVec) : _mm512_setzero_ps();
+  for (int k = 0; k < K2; ++k) {
+    __m512bh b[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) b[c] = (__m512bh)_mm512_loadu_si512(Bp + k * ldb + c * kVec);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32((int)X[r * xr + k * xk]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, b[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(Y + r * ldy + c * kVec, acc[r][c]);
+}
+
+template <int R>
+BIOGEN_TARGET_BF16 void gemm_dp_rows(const uint32_t* X, int64_t xr, int64_t xk, int K2, const uint32_t* Bp, int ldb,
+                                     int ncols, float* Y, int ldy, bool accumulate) {
+  int c = 0;
+  for (; c + 64 <= ncols; c += 64) micro_dp<R, 4>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
+  for (; c + 32 <= ncols; c += 32) micro_dp<R, 2>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
+  for (; c < ncols; c += 16) micro_dp<R, 1>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
+}
+
+// Y (rows x ncols, ncols a multiple of 16) = or += X @ B over K2 word pairs.
+BIOGEN_TARGET_BF16 void gemm_dp(const uint32_t* X, int64_t xr, int64_t xk, int rows, int K2, const uint32_t* Bp,
+                                int ldb, int ncols, float* Y, int ldy, bool accumulate) {
+  int r = 0;
+  for (; r + 6 <= rows; r += 6)
+    gemm_dp_rows<6>(X + r * xr, xr, xk, K2, Bp, ldb, ncols, Y + (int64_t)r * ldy, ldy, accumulate);
+  X += r * xr;
+  Y += (int64_t)r * ldy;
+  switch (rows - r) {
+    case 5: gemm_dp_rows<5>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
+    case 4: gemm_dp_rows<4>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
+    case 3: gemm_dp_rows<3>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
+    case 2: gemm_dp_rows<2>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
+    case 1: gemm_dp_rows<1>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
+    default: break;
+  }
+}
+#endif
+
+// Packed pairs of a K x N operand (empty unless the bf16 path is on).
+inline std::vector<uint32_t> packed(bool on, const float* A, int lda, int K, int N) {
+  std::vector<uint32_t> out;
+#if BIOGEN_BF16_DOT
+  if (on) {
+    out.resize((size_t)(K + 1) / 2 * N);
+    pack_row_pairs(A, lda, K, N, out.data());
+  }
+#endif
+  return out;
+}
+
 // Everything one call needs; S is the storage type (F32 / F16 / BF16).
 template <class S>
 struct Problem {
@@ -142,6 +272,8 @@ struct Problem {
   const uint8_t* pad;
   std::vector<float> Wt;  // D x Mp: s-free projection, transposed, zero columns beyond m
   std::vector<float> Wp;  // Mp x Dp: projection padded with zeros
+  bool dot16 = false;              // bf16 products (non-causal, bf16 inputs, AVX512-BF16)
+  std::vector<uint32_t> Wtp, Wpp;  // on that path: Wt (D rows) and Wp (m rows) packed in pairs
 
   void init(const float* W) {
     Dp = round_up(D, kVec);
@@ -154,6 +286,52 @@ struct Problem {
         Wt[(size_t)d * Mp + f] = W[(size_t)f * D + d];
         Wp[(size_t)f * Dp + d] = W[(size_t)f * D + d];
       }
+    Wtp = packed(dot16, Wt.data(), Mp, D, Mp);
+    Wpp = packed(dot16, Wp.data(), Dp, m, Dp);
+  }
+
+  // Per (b, h) K x N operands (one after the other, ld N) in packed pairs; empty off the bf16 path.
+  std::vector<uint32_t> pack_each(const std::vector<float>& M, int K, int N) const {
+    std::vector<uint32_t> out;
+    if (!dot16) return out;
+    const size_t per = (size_t)(K + 1) / 2 * N, stride = (size_t)Mp * Dp;
+    out.resize((size_t)B * H * per);
+    for (int bh = 0; bh < B * H; ++bh) {
+      const std::vector<uint32_t> one = packed(true, M.data() + bh * stride, N, K, N);
+      std::copy(one.begin(), one.end(), out.begin() + bh * per);
+    }
+    return out;
+  }
+  static const uint32_t* at(const std::vector<uint32_t>& v, size_t off) { return v.empty() ? nullptr : v.data() + off; }
+
+  // Y (n x N) = X (n x K, zero past K up to a multiple of 16) @ B (K x N, ld ldb); on the bf16 path
+  // B comes as its packed pairs Bp and xp is scratch for n * ceil(K / 2) words.
+  void nn(const float* X, int ldx, int n, int K, const float* Bm, int ldb, const uint32_t* Bp, int N, float* Y,
+          int ldy, uint32_t* xp) const {
+#if BIOGEN_BF16_DOT
+    if (dot16) {
+      const int K2 = (K + 1) / 2;
+      pack_col_pairs(X, ldx, n, K2, xp);
+      gemm_dp(xp, K2, 1, n, K2, Bp, N, N, Y, ldy, false);
+      return;
+    }
+#endif
+    gemm_nn(X, ldx, n, K, Bm, ldb, N, Y, ldy);
+  }
+
+  // A (F x 16 nv) += X^T V over n rows (X rows hold F columns rounded up to 16); xp, vp: scratch.
+  void tn(const float* X, int ldx, int n, int F, const float* V, int ldv, int nv, float* A, int lda, uint32_t* xp,
+          uint32_t* vp) const {
+#if BIOGEN_BF16_DOT
+    if (dot16) {
+      const int Fp = round_up(F, kVec);
+      pack_row_pairs(X, ldx, n, Fp, xp);
+      pack_row_pairs(V, ldv, n, nv * kVec, vp);
+      gemm_dp(xp, 1, Fp, F, (n + 1) / 2, vp, nv * kVec, nv * kVec, A, lda, true);
+      return;
+    }
+#endif
+    gemm_tn_acc(X, ldx, n, F, V, ldv, nv, A, lda);
   }
   bool valid(int b, int l) const { return pad == nullptr || pad[(int64_t)b * L + l] == 0; }
 
@@ -169,8 +347,8 @@ struct Problem {
   }
 
   // dd = s X W^T into F (n x Mp) and rowdiag = s^2 |x|^2 / 2.
-  void projections(const float* X, int n, float* F, float* diag) const {
-    gemm_nn(X, Dp, n, D, Wt.data(), Mp, Mp, F, Mp);
+  void projections(const float* X, int n, float* F, float* diag, uint32_t* xp) const {
+    nn(X, Dp, n, D, Wt.data(), Mp, at(Wtp, 0), Mp, F, Mp, xp);
     const v16f sv = vbroadcast(s);
     for (int t = 0; t < n; ++t) {
       float* f = F + (int64_t)t * Mp;
@@ -179,9 +357,12 @@ struct Problem {
     }
   }
 
-  float row_max(const float* f) const {
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < m; ++j) mx = std::max(mx, f[j]);
+  float row_max(const float* f) const {  // over the m features (columns beyond m hold zeros)
+    v16f acc = vbroadcast(-std::numeric_limits<float>::infinity());
+    int j = 0;
+    for (; j + kVec <= m; j += kVec) acc = vmax(acc, vload(f + j));
+    float mx = biogen::vhmax(acc);
+    for (; j < m; ++j) mx = std::max(mx, f[j]);
     return mx;
   }
 
@@ -206,7 +387,8 @@ struct Problem {
     for (int t = 0; t < n; ++t) {
       const float* e = E + (int64_t)t * Mp;
       float* p = P + (int64_t)t * Mp;
-      for (int j = 0; j < m; ++j) p[j] = ratio * (e[j] + eps);
+      const v16f r = vbroadcast(ratio), re = vbroadcast(ratio * eps);
+      for (int j = 0; j < Mp; j += kVec) vstore(p + j, r * vload(e + j) + re);
       for (int j = m; j < Mp; ++j) p[j] = 0.f;
     }
   }
@@ -216,20 +398,26 @@ struct Problem {
     for (int t = 0; t < n; ++t) {
       float* g = dP + (int64_t)t * Mp;
       const float* e = E + (int64_t)t * Mp;
-      for (int j = 0; j < Mp; ++j) g[j] = relu ? (e[j] > 0.f ? g[j] : 0.f) : g[j] * ratio * e[j];
+      if (relu) {
+        for (int j = 0; j < Mp; j += kVec) vstore(g + j, vload(e + j) > 0.f ? vload(g + j) : vbroadcast(0.f));
+      } else {
+        const v16f r = vbroadcast(ratio);
+        for (int j = 0; j < Mp; j += kVec) vstore(g + j, vload(g + j) * r * vload(e + j));
+      }
     }
   }
 
   // dx = s G W - s^2 x sum_f G (softmax only) into dx rows (n x Dp).
-  void input_grad(const float* G, const float* X, int n, float* dX) const {
-    gemm_nn(G, Mp, n, m, Wp.data(), Dp, Dp, dX, Dp);
+  void input_grad(const float* G, const float* X, int n, float* dX, uint32_t* xp) const {
+    nn(G, Mp, n, m, Wp.data(), Dp, at(Wpp, 0), Dp, dX, Dp, xp);
     for (int t = 0; t < n; ++t) {
       float* o = dX + (int64_t)t * Dp;
-      float gs = 0.f;
+      v16f acc = vbroadcast(0.f);  // G is zero beyond m
       if (!relu)
-        for (int j = 0; j < m; ++j) gs += G[(int64_t)t * Mp + j];
+        for (int j = 0; j < Mp; j += kVec) acc += vload(G + (int64_t)t * Mp + j);
+      const v16f sv = vbroadcast(s), xs = vbroadcast(s * s * biogen::vsum(acc));
       const float* x = X + (int64_t)t * Dp;
-      for (int d = 0; d < Dp; ++d) o[d] = s * o[d] - (s * s) * gs * x[d];
+      for (int d = 0; d < Dp; d += kVec) vstore(o + d, sv * vload(o + d) - xs * vload(x + d));
     }
   }
 };
@@ -237,8 +425,10 @@ struct Problem {
 struct Tile {  // per-thread scratch
   std::vector<float> X, V, F, E, P, G, diag, tmp;
   std::vector<int> idx;
+  std::vector<uint32_t> xp, vp;  // packed operands of the bf16 path
   Tile(int Dp, int Mp) : X(kTile * Dp), V(kTile * Dp), F(kTile * Mp), E(kTile * Mp), P(kTile * Mp),
-                         G(kTile * Dp), diag(kTile), tmp(kTile * Dp), idx(kTile) {}
+                         G(kTile * Dp), diag(kTile), tmp(kTile * Dp), idx(kTile),
+                         xp(kTile / 2 * std::max(Dp, Mp)), vp(kTile / 2 * Dp) {}
 };
 
 // Partial key state of one (b, h) over positions [l0, l1): exp-part sums relative to c, eps parts.
@@ -265,7 +455,7 @@ void key_pass(const Problem<S>& P, const typename S::T* k, const int64_t* ks, co
     if (n == 0) continue;
     P.load(k, ks[0], ks[1], ks[2], b, h, w.idx.data(), n, w.X.data());
     P.load(v, vs[0], vs[1], vs[2], b, h, w.idx.data(), n, w.V.data());
-    P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+    P.projections(w.X.data(), n, w.F.data(), w.diag.data(), w.xp.data());
     if (!P.relu) {
       float cm = st.c;
       for (int t = 0; t < n; ++t) cm = std::max(cm, P.row_max(w.F.data() + (int64_t)t * P.Mp));
@@ -277,7 +467,7 @@ void key_pass(const Problem<S>& P, const typename S::T* k, const int64_t* ks, co
       }
     }
     P.exp_part(w.F.data(), w.diag.data(), n, &st.c);
-    gemm_tn_acc(w.F.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, st.A, P.Dp);
+    P.tn(w.F.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, st.A, P.Dp, w.xp.data(), w.vp.data());
     for (int t = 0; t < n; ++t) {
       const float* e = w.F.data() + (int64_t)t * P.Mp;
       for (int j = 0; j < P.Mp; j += kVec) vstore(st.zE + j, vload(st.zE + j) + vload(e + j));
@@ -423,6 +613,8 @@ void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
   const int BH = P.B * P.H, nchunks = (P.L + kTile - 1) / kTile;
   const size_t MD = (size_t)P.Mp * P.Dp;
   if (state != nullptr) save_key_states(P, C, z, cst, state);
+  const std::vector<uint32_t> C16 = P.pack_each(C, P.m, P.Dp);
+  const size_t C16s = (size_t)(P.m + 1) / 2 * P.Dp;
 #pragma omp parallel num_threads(threads)
   {
     Tile w(P.Dp, P.Mp);
@@ -434,10 +626,11 @@ void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       const int n = tile_rows(P, b, t0, w.idx.data());
       if (n == 0) continue;
       P.load(q, st.q[0], st.q[1], st.q[2], b, h, w.idx.data(), n, w.X.data());
-      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data(), w.xp.data());
       P.exp_part(w.F.data(), w.diag.data(), n, nullptr);
       P.phi_from_e(w.F.data(), n, w.P.data());
-      gemm_nn(w.P.data(), P.Mp, n, P.m, C.data() + bh * MD, P.Dp, P.Dp, w.tmp.data(), P.Dp);
+      P.nn(w.P.data(), P.Mp, n, P.m, C.data() + bh * MD, P.Dp, P.at(C16, bh * C16s), P.Dp, w.tmp.data(), P.Dp,
+           w.xp.data());
       for (int t = 0; t < n; ++t) {
         const float inv = 1.f / dot(w.P.data() + (int64_t)t * P.Mp, z.data() + (size_t)bh * P.Mp, P.Mp);
         float* o = w.tmp.data() + (int64_t)t * P.Dp;
@@ -465,6 +658,8 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
   for (int bh = 0; bh < BH; ++bh)
     for (int f = 0; f < P.Mp; ++f)
       for (int d = 0; d < P.Dp; ++d) CT[(size_t)bh * MD + (size_t)d * P.Mp + f] = C[(size_t)bh * MD + (size_t)f * P.Dp + d];
+  const std::vector<uint32_t> CT16 = P.pack_each(CT, P.D, P.Mp);
+  const size_t CT16s = (size_t)(P.D + 1) / 2 * P.Mp, C16s = (size_t)(P.m + 1) / 2 * P.Dp;
   // Query pass: dq, and dC = sum phi(q)^T dnum, dz = sum dden phi(q) in partial sums per split.
   const int splits = std::max(1, std::min(nchunks, (threads + BH - 1) / BH));
   const int per = (nchunks + splits - 1) / splits;
@@ -487,7 +682,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
         P.load(q, st.q[0], st.q[1], st.q[2], b, h, w.idx.data(), n, w.X.data());
         P.load(gout, st.g[0], st.g[1], st.g[2], b, h, w.idx.data(), n, w.V.data());   // dO
         P.load(out, st.o[0], st.o[1], st.o[2], b, h, w.idx.data(), n, w.tmp.data());  // O
-        P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+        P.projections(w.X.data(), n, w.F.data(), w.diag.data(), w.xp.data());
         P.exp_part(w.F.data(), w.diag.data(), n, nullptr);
         P.phi_from_e(w.F.data(), n, w.P.data());
         for (int t = 0; t < n; ++t) {
@@ -499,21 +694,22 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
         }
         // dphi(q) = dnum C^T + dden z  (into G-sized buffer E? reuse w.G needs Mp: use F after chain)
         std::vector<float>& dP = w.E;
-        gemm_nn(w.V.data(), P.Dp, n, P.D, CT.data() + bh * MD, P.Mp, P.Mp, dP.data(), P.Mp);
+        P.nn(w.V.data(), P.Dp, n, P.D, CT.data() + bh * MD, P.Mp, P.at(CT16, bh * CT16s), P.Mp, dP.data(), P.Mp,
+             w.xp.data());
         for (int t = 0; t < n; ++t) {
           float* r = dP.data() + (int64_t)t * P.Mp;
           const float* zz = z.data() + (size_t)bh * P.Mp;
           const v16f dd = vbroadcast(dden[t]);
           for (int j = 0; j < P.Mp; j += kVec) vstore(r + j, vload(r + j) + dd * vload(zz + j));
         }
-        gemm_tn_acc(w.P.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, dC, P.Dp);
+        P.tn(w.P.data(), P.Mp, n, P.m, w.V.data(), P.Dp, P.NV, dC, P.Dp, w.xp.data(), w.vp.data());
         for (int t = 0; t < n; ++t) {
           const v16f dd = vbroadcast(dden[t]);
           const float* p = w.P.data() + (int64_t)t * P.Mp;
           for (int j = 0; j < P.Mp; j += kVec) vstore(dz + j, vload(dz + j) + dd * vload(p + j));
         }
         P.chain(dP.data(), w.F.data(), n);
-        P.input_grad(dP.data(), w.X.data(), n, w.tmp.data());
+        P.input_grad(dP.data(), w.X.data(), n, w.tmp.data(), w.xp.data());
         for (int t = 0; t < n; ++t) store_f32(dq, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
       }
     }
@@ -529,6 +725,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
   for (int bh = 0; bh < BH; ++bh)
     for (int f = 0; f < P.Mp; ++f)
       for (int d = 0; d < P.Dp; ++d) dCT[(size_t)bh * MD + (size_t)d * P.Mp + f] = dC[(size_t)bh * MD + (size_t)f * P.Dp + d];
+  const std::vector<uint32_t> dC16 = P.pack_each(dC, P.m, P.Dp), dCT16 = P.pack_each(dCT, P.D, P.Mp);
   // Key pass: dphi(k) = v dC^T + dz, dv = phi(k) dC, dk through the features (stabiliser constant).
 #pragma omp parallel num_threads(threads)
   {
@@ -545,20 +742,22 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       if (n == 0) continue;
       P.load(k, st.k[0], st.k[1], st.k[2], b, h, w.idx.data(), n, w.X.data());
       P.load(v, st.v[0], st.v[1], st.v[2], b, h, w.idx.data(), n, w.V.data());
-      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data(), w.xp.data());
       P.exp_part(w.F.data(), w.diag.data(), n, &cst[bh]);
       P.phi_from_e(w.F.data(), n, w.P.data());
-      gemm_nn(w.P.data(), P.Mp, n, P.m, dC.data() + bh * MD, P.Dp, P.Dp, w.tmp.data(), P.Dp);
+      P.nn(w.P.data(), P.Mp, n, P.m, dC.data() + bh * MD, P.Dp, P.at(dC16, bh * C16s), P.Dp, w.tmp.data(), P.Dp,
+           w.xp.data());
       for (int t = 0; t < n; ++t) store_f32(dv, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
       std::vector<float>& dP = w.E;
-      gemm_nn(w.V.data(), P.Dp, n, P.D, dCT.data() + bh * MD, P.Mp, P.Mp, dP.data(), P.Mp);
+      P.nn(w.V.data(), P.Dp, n, P.D, dCT.data() + bh * MD, P.Mp, P.at(dCT16, bh * CT16s), P.Mp, dP.data(), P.Mp,
+           w.xp.data());
       for (int t = 0; t < n; ++t) {
         float* r = dP.data() + (int64_t)t * P.Mp;
         const float* zz = dz.data() + (size_t)bh * P.Mp;
         for (int j = 0; j < P.Mp; j += kVec) vstore(r + j, vload(r + j) + vload(zz + j));
       }
       P.chain(dP.data(), w.F.data(), n);
-      P.input_grad(dP.data(), w.X.data(), n, w.tmp.data());
+      P.input_grad(dP.data(), w.X.data(), n, w.tmp.data(), w.xp.data());
       for (int t = 0; t < n; ++t) store_f32(dk, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
     }
   }
@@ -625,10 +824,10 @@ struct CausalTile {
     zero_padding(P, n, Xq);
     zero_padding(P, n, Xk);
     zero_padding(P, n, V);
-    P.projections(Xq.data(), n, Eq.data(), diag_q.data());
+    P.projections(Xq.data(), n, Eq.data(), diag_q.data(), nullptr);
     P.exp_part(Eq.data(), diag_q.data(), n, nullptr);
     P.phi_from_e(Eq.data(), n, Pq.data());
-    P.projections(Xk.data(), n, Ek.data(), diag_k.data());
+    P.projections(Xk.data(), n, Ek.data(), diag_k.data(), nullptr);
     P.exp_part(Ek.data(), diag_k.data(), n, &ck);
     P.phi_from_e(Ek.data(), n, Pk.data());
     for (int t = 0; t < n; ++t)
@@ -699,7 +898,7 @@ void causal_stabilisers(const Problem<S>& P, const typename S::T* k, const Strid
       const int n = tile_rows(P, b, t0, w.idx.data());
       if (n == 0) continue;
       P.load(k, st.k[0], st.k[1], st.k[2], b, h, w.idx.data(), n, w.X.data());
-      P.projections(w.X.data(), n, w.F.data(), w.diag.data());
+      P.projections(w.X.data(), n, w.F.data(), w.diag.data(), w.xp.data());
       for (int t = 0; t < n; ++t) part[task] = std::max(part[task], P.row_max(w.F.data() + (int64_t)t * P.Mp));
     }
   }
@@ -794,7 +993,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
           for (int f = 0; f < P.m; ++f) g[f] += g2[f] + w.dden[t] * (z[f] + kCausalEps);
         }
         P.chain(w.G1.data(), w.Eq.data(), n);
-        P.input_grad(w.G1.data(), w.Xq.data(), n, w.Y1.data());
+        P.input_grad(w.G1.data(), w.Xq.data(), n, w.Y1.data(), nullptr);
         for (int t = 0; t < n; ++t)
           store_f32(dq, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
         gemm_tn_acc_wide(w.V.data(), P.Dp, n, P.D, w.Pk.data(), P.Mp, P.Mp, ST.data(), P.Mp);
@@ -835,7 +1034,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
           for (int f = 0; f < P.m; ++f) g[f] += g2[f] + r[f];
         }
         P.chain(w.G1.data(), w.Ek.data(), n);
-        P.input_grad(w.G1.data(), w.Xk.data(), n, w.Y1.data());
+        P.input_grad(w.G1.data(), w.Xk.data(), n, w.Y1.data(), nullptr);
         for (int t = 0; t < n; ++t)
           store_f32(dk, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
         gemm_tn_acc(w.Pq.data(), P.Mp, n, P.m, w.dnum.data(), P.Dp, P.NV, R.data(), P.Dp);
@@ -851,8 +1050,11 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
 }
 
 template <class S>
-Problem<S> make_problem(const float* W, const uint8_t* pad, int B, int H, int L, int D, int m, int relu, float eps) {
+Problem<S> make_problem(const float* W, const uint8_t* pad, int B, int H, int L, int D, int m, int relu, float eps,
+                        bool causal) {
   Problem<S> P;
+  P.dot16 = BIOGEN_BF16_DOT && std::is_same_v<S, biogen::BF16> && !causal &&
+            biogen::cpu_capability() == biogen::CpuCap::avx512_bf16;
   P.B = B; P.H = H; P.L = L; P.D = D; P.m = m;
   P.s = std::pow((float)D, -0.25f);
   P.relu = relu != 0;
@@ -872,7 +1074,7 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
   Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {0, 0, 0}, {0, 0, 0}};
   biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
     using T = typename S::T;
-    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps);
+    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps, causal != 0);
     if (causal)
       fwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (T*)out, (float*)ck, st, threads);
     else
@@ -889,7 +1091,7 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
   Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {osb, osh, osl}, {gsb, gsh, gsl}};
   biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
     using T = typename S::T;
-    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps);
+    auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps, causal != 0);
     if (causal)
       bwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq, (float*)dk,
                  (float*)dv, st, threads);

@@ -42,7 +42,7 @@ def assert_close_2x(out, out_lowp_ref, out_truth, atol=1e-5):
     assert err <= 2 * ref_err + atol, f"kernel error {err:.3e} > 2 x reference error {ref_err:.3e} + {atol}"
 
 
-CPU_CAPS = ["base", "avx2", "avx512"]
+CPU_CAPS = ["base", "avx2", "avx512", "avx512_bf16"]
 
 
 def run_with_cpu_capability(op: "_runtime.KernelOp", cap: str, body: str) -> None:

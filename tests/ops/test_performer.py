@@ -493,7 +493,7 @@ def test_auto_prefers_cpu_kernel_on_cpu():
     assert OP.select(None, torch.device("cpu"), dtype=torch.float64, head_dim=64) == "torch"
 
 
-@pytest.mark.parametrize("cap", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("cap", ["base", "avx2", "avx512", "avx512_bf16"])
 def test_every_compiled_simd_level_matches_reference(cap):
     run_with_cpu_capability(OP, cap, (
         "from tests.ops.test_performer import make_inputs, truth\n"
@@ -504,6 +504,40 @@ def test_every_compiled_simd_level_matches_reference(cap):
         "    out = performer_attention(*args, w, key_padding_mask=pad, causal=causal, backend='cpu')\n"
         "    err = (out.double()-truth(q,k,v,w,pad,causal,'softmax')).abs().max().item(); assert err < 5e-5, err\n"
         "    out.sum().backward(); assert all(torch.isfinite(a.grad).all() for a in args)\n"
+    ))
+
+
+def bf16_2x_rule(shape, kernel):
+    """bfloat16 inputs: forward and gradients within twice the error of the reference computed in
+    bfloat16 (FlashAttention's rule) against float64."""
+    q, k, v, w, pad = make_inputs(*shape, dtype=torch.bfloat16)
+    args = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = performer_attention(*args, w, key_padding_mask=pad, kernel=kernel, backend="cpu")
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad(out, args, gout)
+    f64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    truth_out, _ = performer_attention_ref(*f64, w.double(), pad, False, kernel)
+    truth_grads = torch.autograd.grad(truth_out, f64, gout.double())
+    lowp_args = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    lowp_out, _ = performer_attention_ref(*lowp_args, w, pad, False, kernel, upcast=False)
+    lowp_grads = torch.autograd.grad(lowp_out, lowp_args, gout)
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, lowp_out, truth_out)
+    for name, g_, lg, tg in zip("qkv", grads, lowp_grads, truth_grads):
+        assert torch.isfinite(g_).all(), f"d{name}"
+        assert_close_2x(g_, lg, tg)
+
+
+@pytest.mark.parametrize("cap", ["avx512", "avx512_bf16"])
+def test_bf16_inputs_on_each_avx512_level_follow_the_2x_rule(cap):
+    """avx512_bf16 takes the products of bfloat16 inputs with AVX512-BF16 dot products (operands
+    rounded to bf16, float32 sums), avx512 in float32: both within the low-precision rule, for odd
+    head dims and feature counts (packing pads a pair) and tile-crossing, padded lengths."""
+    run_with_cpu_capability(OP, cap, (
+        "from tests.ops.test_performer import bf16_2x_rule\n"
+        "for shape in [(2, 2, 97, 20, 45), (1, 2, 1025, 64, 266), (1, 1, 3, 64, 7)]:\n"
+        "    for kernel in ('softmax', 'relu'):\n"
+        "        bf16_2x_rule(shape, kernel)\n"
     ))
 
 
