@@ -594,11 +594,6 @@ void store_row(const Problem<S>& P, typename S::T* out, int b, int h, int l, con
   for (int d = 0; d < P.D; ++d) S::store(o + d, src ? src[d] : 0.f);
 }
 
-inline void store_f32(float* dst, int64_t H, int64_t L, int64_t D, int b, int h, int l, const float* src) {
-  float* o = dst + (((int64_t)b * H + h) * L + l) * D;
-  for (int d = 0; d < D; ++d) o[d] = src ? src[d] : 0.f;
-}
-
 struct Strides {
   int64_t q[3], k[3], v[3], o[3], g[3];
 };
@@ -644,7 +639,8 @@ void fwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
 
 template <class S>
 void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
-                   const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
+                   const typename S::T* out, const typename S::T* gout, typename S::T* dq, typename S::T* dk,
+                   typename S::T* dv,
                    const float* state, const Strides& st, int threads) {
   std::vector<float> C, z, cst;
   if (state != nullptr)
@@ -676,7 +672,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       for (int c = sp * per; c < std::min(nchunks, (sp + 1) * per); ++c) {
         const int t0 = c * kTile;
         for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
-          if (!P.valid(b, l)) store_f32(dq, P.H, P.L, P.D, b, h, l, nullptr);
+          if (!P.valid(b, l)) store_row(P, dq, b, h, l, nullptr);
         const int n = tile_rows(P, b, t0, w.idx.data());
         if (n == 0) continue;
         P.load(q, st.q[0], st.q[1], st.q[2], b, h, w.idx.data(), n, w.X.data());
@@ -710,7 +706,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
         }
         P.chain(dP.data(), w.F.data(), n);
         P.input_grad(dP.data(), w.X.data(), n, w.tmp.data(), w.xp.data());
-        for (int t = 0; t < n; ++t) store_f32(dq, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+        for (int t = 0; t < n; ++t) store_row(P, dq, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
       }
     }
   }
@@ -735,8 +731,8 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       const int bh = (int)(task / nchunks), b = bh / P.H, h = bh % P.H, t0 = (int)(task % nchunks) * kTile;
       for (int l = t0; l < std::min(P.L, t0 + kTile); ++l)
         if (!P.valid(b, l)) {
-          store_f32(dk, P.H, P.L, P.D, b, h, l, nullptr);
-          store_f32(dv, P.H, P.L, P.D, b, h, l, nullptr);
+          store_row(P, dk, b, h, l, nullptr);
+          store_row(P, dv, b, h, l, nullptr);
         }
       const int n = tile_rows(P, b, t0, w.idx.data());
       if (n == 0) continue;
@@ -747,7 +743,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       P.phi_from_e(w.F.data(), n, w.P.data());
       P.nn(w.P.data(), P.Mp, n, P.m, dC.data() + bh * MD, P.Dp, P.at(dC16, bh * C16s), P.Dp, w.tmp.data(), P.Dp,
            w.xp.data());
-      for (int t = 0; t < n; ++t) store_f32(dv, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+      for (int t = 0; t < n; ++t) store_row(P, dv, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
       std::vector<float>& dP = w.E;
       P.nn(w.V.data(), P.Dp, n, P.D, dCT.data() + bh * MD, P.Mp, P.at(dCT16, bh * CT16s), P.Mp, dP.data(), P.Mp,
            w.xp.data());
@@ -758,7 +754,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
       }
       P.chain(dP.data(), w.F.data(), n);
       P.input_grad(dP.data(), w.X.data(), n, w.tmp.data(), w.xp.data());
-      for (int t = 0; t < n; ++t) store_f32(dk, P.H, P.L, P.D, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
+      for (int t = 0; t < n; ++t) store_row(P, dk, b, h, w.idx[t], w.tmp.data() + (int64_t)t * P.Dp);
     }
   }
 }
@@ -955,7 +951,8 @@ void fwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
 // (a reverse pass) plus this chunk's M_c^T phi(Q_c) and triu(phi(K_c) phi(Q_c)^T) dnum_c.
 template <class S>
 void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T* k, const typename S::T* v,
-                const typename S::T* out, const typename S::T* gout, float* dq, float* dk, float* dv,
+                const typename S::T* out, const typename S::T* gout, typename S::T* dq, typename S::T* dk,
+                   typename S::T* dv,
                 const Strides& st, int threads) {
   std::vector<float> cst;
   causal_stabilisers(P, k, st, threads, cst);
@@ -995,7 +992,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
         P.chain(w.G1.data(), w.Eq.data(), n);
         P.input_grad(w.G1.data(), w.Xq.data(), n, w.Y1.data(), nullptr);
         for (int t = 0; t < n; ++t)
-          store_f32(dq, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
+          store_row(P, dq, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
         gemm_tn_acc_wide(w.V.data(), P.Dp, n, P.D, w.Pk.data(), P.Mp, P.Mp, ST.data(), P.Mp);
         add_rows(z.data(), w.Pk.data(), n, P.Mp, P.Mp);
       }
@@ -1018,7 +1015,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
           float* o = w.Y1.data() + (int64_t)t * P.Dp;
           const float* o2 = w.Y2.data() + (int64_t)t * P.Dp;
           for (int d = 0; d < P.Dp; ++d) o[d] += o2[d];
-          store_f32(dv, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? o : nullptr);
+          store_row(P, dv, b, h, t0 + t, w.valid[t] ? o : nullptr);
         }
         // dphi(k) = V_c R^T + r + M_c^T phi(Q_c), M_c^T = triu(V_c dnum_c^T + dden^T)
         transpose_rows(w.dnum.data(), P.Dp, n, P.Dp, w.T2.data());
@@ -1036,7 +1033,7 @@ void bwd_causal(const Problem<S>& P, const typename S::T* q, const typename S::T
         P.chain(w.G1.data(), w.Ek.data(), n);
         P.input_grad(w.G1.data(), w.Xk.data(), n, w.Y1.data(), nullptr);
         for (int t = 0; t < n; ++t)
-          store_f32(dk, P.H, P.L, P.D, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
+          store_row(P, dk, b, h, t0 + t, w.valid[t] ? w.Y1.data() + (int64_t)t * P.Dp : nullptr);
         gemm_tn_acc(w.Pq.data(), P.Mp, n, P.m, w.dnum.data(), P.Dp, P.NV, R.data(), P.Dp);
         gemm_tn_acc_wide(w.dnum.data(), P.Dp, n, P.D, w.Pq.data(), P.Mp, P.Mp, RT.data(), P.Mp);
         for (int t = 0; t < n; ++t) {
@@ -1093,11 +1090,9 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
     using T = typename S::T;
     auto P = make_problem<S>((const float*)proj, (const uint8_t*)pad, B, H, L, D, m, relu, eps, causal != 0);
     if (causal)
-      bwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq, (float*)dk,
-                 (float*)dv, st, threads);
+      bwd_causal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (T*)dq, (T*)dk, (T*)dv, st, threads);
     else
-      bwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (float*)dq,
-                    (float*)dk, (float*)dv, (const float*)state, st, threads);
+      bwd_noncausal(P, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (T*)dq, (T*)dk, (T*)dv, (const float*)state, st, threads);
   });
 }
 

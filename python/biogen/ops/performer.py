@@ -194,11 +194,11 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps, stat
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, H, L, D = q.shape
     w = projection.detach().to(torch.float32).contiguous()
-    # Gradients accumulate in float32 and are cast once at the end.
-    dq = torch.empty((B, H, L, D), dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     kpm_u8 = None if kpm is None else kpm.contiguous().view(torch.uint8)
     if q.device.type == "cuda":
+        # Gradients accumulate in float32 and are cast once at the end.
+        dq = torch.empty((B, H, L, D), dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
         m = w.shape[0]
         f32 = dict(dtype=torch.float32, device=q.device)
         ws = [torch.empty((B, H, m, D), **f32), torch.empty((B, H, m), **f32), torch.empty((B, H, m, D), **f32),
@@ -210,6 +210,8 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps, stat
                               _pad_u8(kpm_u8), *(t.data_ptr() for t in ws), B, H, L, D, m, strides,
                               _cuda_flags(relu, causal), float(eps), cuda_stream(q))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # The C++ backward sums in float32 and writes each gradient row once, in the input dtype.
+    dq, dk, dv = (torch.empty((B, H, L, D), dtype=q.dtype, device=q.device) for _ in range(3))
     _C.performer_bwd_cpu(
         DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), out.data_ptr(),
         grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _pad_u8(kpm_u8),
@@ -217,7 +219,7 @@ def _bwd_native(grad_out, q, k, v, projection, out, kpm, causal, relu, eps, stat
         w.shape[0], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *grad_out.stride()[:3], int(causal), int(relu), float(eps), num_threads(),
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _state_size(D: int, m: int) -> int:
