@@ -15,7 +15,8 @@ measures, per batch size:
   ``torch.autocast(device, bfloat16)`` on a CPU (float16 on CUDA), as ``ScBERT.fit(...,
   mixed_precision=True)``: matmuls in bf16, layer norms / softmax / cross-entropy in float32,
   float32 parameters and gradients. On a CPU with AVX512-BF16 (or AMX) oneDNN's bf16 matmuls are
-  about twice as fast as float32 ones; the Performer kernel keeps float32 maths with bf16 I/O.
+  about twice as fast as float32 ones (MKL's float32 ones on an AMD CPU, 3-4x), and the Performer
+  kernel takes its products as bf16 dot products with float32 sums (``avx512_bf16`` level).
   ``biogen-bf16`` reports its ratios against both baselines: float32 and the same autocast.
 
 ``train``: forward to the token logits of every position, cross-entropy against random tokens, and

@@ -370,7 +370,10 @@ def performer_attention(
     Parameters
     ----------
     q, k, v : (batch, heads, length, head_dim) float32 / float16 / bfloat16 (float64 on the torch
-        backend), head_dim <= 128.
+        backend), head_dim <= 128. Low precision is read and written as given, with float32 sums;
+        on a CPU with AVX512-BF16, non-causal bfloat16 inputs take the feature and state products
+        as bf16 dot products (operands rounded to bf16, as torch.autocast does to a matmul;
+        ``BIOGEN_CPU_CAPABILITY=avx512`` keeps them in float32).
     projection : (nb_features, head_dim) random feature matrix, e.g. from
         :func:`gaussian_orthogonal_random_matrix`. Receives no gradient.
     key_padding_mask : (batch, length) bool, True = padding, optional.
