@@ -67,19 +67,29 @@ inline void micro_nn(const float* X, int ldx, int K, const float* Bm, int ldb, f
     for (int c = 0; c < NC; ++c) vstore(Y + (int64_t)r * ldy + c * kVec, acc[r][c]);
 }
 
-// Y = X @ Bm for R rows and `ncols` (a multiple of 16) columns: register tiles of R x 64 columns
-// (6 x 4 = 24 accumulators: 10 loads for 24 FMAs, enough independent chains to fill both FMA pipes).
+// Register tiles of gemm_nn. AVX-512 (32 zmm): 6 x 64 columns, 24 accumulators, 10 loads for 24
+// FMAs and enough independent chains to fill both FMA pipes. Narrower ISAs hold a v16f in 2 or 4
+// registers (16 in all): 4 x 32 columns, as many as fit without spilling.
+#if defined(__AVX512F__)
+constexpr int kNNRows = 6, kNNVecs = 4;
+#else
+constexpr int kNNRows = 4, kNNVecs = 2;
+#endif
+
+// Y = X @ Bm for R rows and `ncols` (a multiple of 16) columns.
 template <int R>
 void gemm_nn_rows(const float* X, int ldx, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
   int c = 0;
-  for (; c + 64 <= ncols; c += 64) micro_nn<R, 4>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
+  if constexpr (kNNVecs == 4)
+    for (; c + 64 <= ncols; c += 64) micro_nn<R, 4>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
   for (; c + 32 <= ncols; c += 32) micro_nn<R, 2>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
   for (; c < ncols; c += 16) micro_nn<R, 1>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
 }
 
 void gemm_nn(const float* X, int ldx, int rows, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
   int r = 0;
-  for (; r + 6 <= rows; r += 6) gemm_nn_rows<6>(X + (int64_t)r * ldx, ldx, K, Bm, ldb, ncols, Y + (int64_t)r * ldy, ldy);
+  for (; r + kNNRows <= rows; r += kNNRows)
+    gemm_nn_rows<kNNRows>(X + (int64_t)r * ldx, ldx, K, Bm, ldb, ncols, Y + (int64_t)r * ldy, ldy);
   X += (int64_t)r * ldx;
   Y += (int64_t)r * ldy;
   switch (rows - r) {
