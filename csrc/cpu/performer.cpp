@@ -303,13 +303,12 @@ struct Problem {
   // Per (b, h) K x N operands (one after the other, ld N) in packed pairs; empty off the bf16 path.
   std::vector<uint32_t> pack_each(const std::vector<float>& M, int K, int N) const {
     std::vector<uint32_t> out;
+#if BIOGEN_BF16_DOT
     if (!dot16) return out;
     const size_t per = (size_t)(K + 1) / 2 * N, stride = (size_t)Mp * Dp;
     out.resize((size_t)B * H * per);
-    for (int bh = 0; bh < B * H; ++bh) {
-      const std::vector<uint32_t> one = packed(true, M.data() + bh * stride, N, K, N);
-      std::copy(one.begin(), one.end(), out.begin() + bh * per);
-    }
+    for (int bh = 0; bh < B * H; ++bh) pack_row_pairs(M.data() + bh * stride, N, K, N, out.data() + bh * per);
+#endif
     return out;
   }
   static const uint32_t* at(const std::vector<uint32_t>& v, size_t off) { return v.empty() ? nullptr : v.data() + off; }
