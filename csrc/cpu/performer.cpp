@@ -76,30 +76,42 @@ constexpr int kNNRows = 6, kNNVecs = 4;
 constexpr int kNNRows = 4, kNNVecs = 2;
 #endif
 
-// Y = X @ Bm for R rows and `ncols` (a multiple of 16) columns.
-template <int R>
-void gemm_nn_rows(const float* X, int ldx, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
+// Walks a rows x ncols output (ncols a multiple of 16) in register tiles: Micro::run<R, NC>(r, c,
+// args...) computes rows [r, r + R) x columns [c, c + 16 NC); RB x 16 NCB is the widest tile.
+template <class Micro, int R, int NCB, class... A>
+inline void tile_cols(int r, int ncols, const A&... a) {
   int c = 0;
-  if constexpr (kNNVecs == 4)
-    for (; c + 64 <= ncols; c += 64) micro_nn<R, 4>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
-  for (; c + 32 <= ncols; c += 32) micro_nn<R, 2>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
-  for (; c < ncols; c += 16) micro_nn<R, 1>(X, ldx, K, Bm + c, ldb, Y + c, ldy);
+  if constexpr (NCB >= 4)
+    for (; c + 64 <= ncols; c += 64) Micro::template run<R, 4>(r, c, a...);
+  for (; c + 32 <= ncols; c += 32) Micro::template run<R, 2>(r, c, a...);
+  for (; c < ncols; c += 16) Micro::template run<R, 1>(r, c, a...);
 }
 
-void gemm_nn(const float* X, int ldx, int rows, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
+template <class Micro, int RB, int NCB, class... A>
+inline void tile_rows(int rows, int ncols, const A&... a) {
+  static_assert(RB <= 6, "row remainders up to 5");
   int r = 0;
-  for (; r + kNNRows <= rows; r += kNNRows)
-    gemm_nn_rows<kNNRows>(X + (int64_t)r * ldx, ldx, K, Bm, ldb, ncols, Y + (int64_t)r * ldy, ldy);
-  X += (int64_t)r * ldx;
-  Y += (int64_t)r * ldy;
+  for (; r + RB <= rows; r += RB) tile_cols<Micro, RB, NCB>(r, ncols, a...);
   switch (rows - r) {
-    case 5: gemm_nn_rows<5>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
-    case 4: gemm_nn_rows<4>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
-    case 3: gemm_nn_rows<3>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
-    case 2: gemm_nn_rows<2>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
-    case 1: gemm_nn_rows<1>(X, ldx, K, Bm, ldb, ncols, Y, ldy); break;
+    case 5: tile_cols<Micro, 5, NCB>(r, ncols, a...); break;
+    case 4: tile_cols<Micro, 4, NCB>(r, ncols, a...); break;
+    case 3: tile_cols<Micro, 3, NCB>(r, ncols, a...); break;
+    case 2: tile_cols<Micro, 2, NCB>(r, ncols, a...); break;
+    case 1: tile_cols<Micro, 1, NCB>(r, ncols, a...); break;
     default: break;
   }
+}
+
+struct MicroNN {
+  template <int R, int NC>
+  static void run(int r, int c, const float* X, int ldx, int K, const float* Bm, int ldb, float* Y, int ldy) {
+    micro_nn<R, NC>(X + (int64_t)r * ldx, ldx, K, Bm + c, ldb, Y + (int64_t)r * ldy + c, ldy);
+  }
+};
+
+// Y = X @ Bm for `rows` rows and `ncols` (a multiple of 16) columns.
+void gemm_nn(const float* X, int ldx, int rows, int K, const float* Bm, int ldb, int ncols, float* Y, int ldy) {
+  tile_rows<MicroNN, kNNRows, kNNVecs>(rows, ncols, X, ldx, K, Bm, ldb, Y, ldy);
 }
 
 // A[F x 16*NV] += X[rows x F-block]^T @ V[rows x 16*NV] for one block of FB feature rows.
@@ -232,31 +244,18 @@ BIOGEN_TARGET_BF16 inline void micro_dp(const uint32_t* X, int64_t xr, int64_t x
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(Y + r * ldy + c * kVec, acc[r][c]);
 }
 
-template <int R>
-BIOGEN_TARGET_BF16 void gemm_dp_rows(const uint32_t* X, int64_t xr, int64_t xk, int K2, const uint32_t* Bp, int ldb,
-                                     int ncols, float* Y, int ldy, bool accumulate) {
-  int c = 0;
-  for (; c + 64 <= ncols; c += 64) micro_dp<R, 4>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
-  for (; c + 32 <= ncols; c += 32) micro_dp<R, 2>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
-  for (; c < ncols; c += 16) micro_dp<R, 1>(X, xr, xk, K2, Bp + c, ldb, Y + c, ldy, accumulate);
-}
+struct MicroDP {
+  template <int R, int NC>
+  BIOGEN_TARGET_BF16 static void run(int r, int c, const uint32_t* X, int64_t xr, int64_t xk, int K2,
+                                     const uint32_t* Bp, int ldb, float* Y, int ldy, bool accumulate) {
+    micro_dp<R, NC>(X + r * xr, xr, xk, K2, Bp + c, ldb, Y + (int64_t)r * ldy + c, ldy, accumulate);
+  }
+};
 
 // Y (rows x ncols, ncols a multiple of 16) = or += X @ B over K2 word pairs.
-BIOGEN_TARGET_BF16 void gemm_dp(const uint32_t* X, int64_t xr, int64_t xk, int rows, int K2, const uint32_t* Bp,
-                                int ldb, int ncols, float* Y, int ldy, bool accumulate) {
-  int r = 0;
-  for (; r + 6 <= rows; r += 6)
-    gemm_dp_rows<6>(X + r * xr, xr, xk, K2, Bp, ldb, ncols, Y + (int64_t)r * ldy, ldy, accumulate);
-  X += r * xr;
-  Y += (int64_t)r * ldy;
-  switch (rows - r) {
-    case 5: gemm_dp_rows<5>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
-    case 4: gemm_dp_rows<4>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
-    case 3: gemm_dp_rows<3>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
-    case 2: gemm_dp_rows<2>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
-    case 1: gemm_dp_rows<1>(X, xr, xk, K2, Bp, ldb, ncols, Y, ldy, accumulate); break;
-    default: break;
-  }
+void gemm_dp(const uint32_t* X, int64_t xr, int64_t xk, int rows, int K2, const uint32_t* Bp, int ldb, int ncols,
+             float* Y, int ldy, bool accumulate) {
+  tile_rows<MicroDP, 6, 4>(rows, ncols, X, xr, xk, K2, Bp, ldb, Y, ldy, accumulate);
 }
 #endif
 
