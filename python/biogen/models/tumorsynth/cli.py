@@ -8,8 +8,8 @@ import numpy as np
 
 
 def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    from ..data.images import read_image_folder
-    from ..data.phantoms import brain_phantoms
+    from ...data.images import read_image_folder
+    from ...data.phantoms import brain_phantoms
 
     if args.data:
         folder = read_image_folder(args.data, size=args.image_size, grayscale=True)
@@ -24,7 +24,7 @@ def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
 
 
 def _cmd_train(args) -> int:
-    from .tumorsynth import TumorSynthConfig, train
+    from .training import TumorSynthConfig, train
 
     images, labels, classes = _load_images(args)
     config = TumorSynthConfig(generator=args.generator, image_size=args.image_size, batch_size=args.batch_size,
@@ -40,8 +40,8 @@ def _cmd_train(args) -> int:
 def _cmd_sample(args) -> int:
     import torch
 
-    from ..data.images import save_grid
-    from .tumorsynth import load_generator, sample
+    from ...data.images import save_grid
+    from .training import load_generator, sample
 
     G, _ = load_generator(args.run, best=not args.last)
     labels = None
@@ -56,8 +56,8 @@ def _cmd_sample(args) -> int:
 
 
 def _extractor(args, real, real_labels):
-    from ..metrics import InceptionFeatures
-    from .tumorsynth import default_extractor
+    from ...metrics import InceptionFeatures
+    from .training import default_extractor
 
     if args.extractor == "inception":
         return InceptionFeatures(args.inception_weights)
@@ -67,8 +67,8 @@ def _extractor(args, real, real_labels):
 def _cmd_evaluate(args) -> int:
     from dataclasses import asdict
 
-    from ..data.images import read_image_folder
-    from ..metrics import evaluate_images
+    from ...data.images import read_image_folder
+    from ...metrics import evaluate_images
 
     real = read_image_folder(args.real, size=args.image_size)
     fake = read_image_folder(args.fake, size=args.image_size)
@@ -79,15 +79,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from ..utils import prepare_output_dir
-    from .tumorsynth import TumorSynthConfig, train
-    from ..data.phantoms import brain_phantoms
+    from ...utils import prepare_output_dir
+    from .training import TumorSynthConfig, train
+    from ...data.phantoms import brain_phantoms
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     images, labels = brain_phantoms(args.phantoms, size=args.image_size, seed=0)
     config = TumorSynthConfig(image_size=args.image_size, epochs=args.epochs, batch_size=4, n_eval_samples=32)
     res = train(images, labels, config=config, out_dir=out / "run", resume=False, progress=not args.no_progress)
-    from ..data.images import save_grid
+    from ...data.images import save_grid
 
     save_grid(images[:32], out / "real_phantoms.png")
     rows = ["| epoch | loss D | loss G | KID | diversity |", "|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """scGPT-style foundation model for single-cell RNA-seq: the user-facing class that owns AnnData.
 
-The network itself (tensors in, tensors out) is :class:`~biogen.models.scgpt_module.ScGPTModel`;
+The network itself (tensors in, tensors out) is :class:`~biogen.models.scgpt.network.ScGPTModel`;
 this module adds the scvi-tools-style wrapper :class:`ScGPT` (data checks, tokenisation through
 :mod:`biogen.sc`, pretraining, fine-tuning with validation / early stopping / resumable
 checkpoints, prediction written back into AnnData, save / load) and re-exports the pieces.
@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..utils import write_json
-from ._sc_trainer import check_train_args  # the training loop is shared with ScBERT
-from ._sc_trainer import load_weights as _load_weights
-from ._sc_trainer import save_weights as _save_weights
-from .scgpt_checkpoint import load_scgpt_checkpoint, map_reference_keys
-from .scgpt_module import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
+from ...utils import write_json
+from ..singlecell.training import check_train_args  # the training loop is shared with ScBERT
+from ..singlecell.training import load_weights as _load_weights
+from ..singlecell.training import save_weights as _save_weights
+from .checkpoint import load_scgpt_checkpoint, map_reference_keys
+from .network import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
 
 __all__ = [
     "GenerationResult", "ScGPT", "ScGPTConfig", "ScGPTModel", "ScGPTOutput", "load_scgpt_checkpoint",
@@ -282,7 +282,7 @@ class ScGPT:
                class_weights, checkpoint_dir, resume, progress, mixed_precision, seed):
         from biogen.sc.data import collate
 
-        from ._sc_trainer import fit_loop
+        from ..singlecell.training import fit_loop
 
         check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
         if self.source is not None:
@@ -323,8 +323,8 @@ class ScGPT:
         from biogen.sc import StreamingScGPTDataset
         from biogen.sc.data import collate
 
-        from .. import distributed as bdist
-        from ._sc_trainer import fit_loop
+        from ... import distributed as bdist
+        from ..singlecell.training import fit_loop
 
         if validation_fraction:
             raise ValueError("a model streaming from .h5ad files (from_h5ad) has no validation split: pass "

@@ -1,6 +1,6 @@
 """scBERT-style model for single-cell RNA-seq (SPEC 2.3): the user-facing class that owns AnnData.
 
-The network is :class:`~biogen.models.scbert_module.ScBERTModel`; this module adds the
+The network is :class:`~biogen.models.scbert.network.ScBERTModel`; this module adds the
 tokeniser (SPEC 2.1 scBERT tokens on a fixed gene panel), gene-vector files (gene2vec), and the
 scvi-tools-style wrapper :class:`ScBERT` with the same API as :class:`biogen.models.scgpt.ScGPT`
 (pretraining, fine-tuning with validation / early stopping / resumable checkpoints, prediction
@@ -33,13 +33,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .scbert_checkpoint import load_scbert_checkpoint, map_scbert_keys
-from .scbert_module import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
-from ..utils import write_json as _write_json
-from ._sc_trainer import check_train_args, fit_loop
-from ._sc_trainer import load_weights as _load_weights
-from ._sc_trainer import save_weights as _save_weights
-from .scgpt import _categories, _check_adata, _obs_column, _to_py
+from .checkpoint import load_scbert_checkpoint, map_scbert_keys
+from .network import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
+from ...utils import write_json as _write_json
+from ..singlecell.training import check_train_args, fit_loop
+from ..singlecell.training import load_weights as _load_weights
+from ..singlecell.training import save_weights as _save_weights
+from ..scgpt.model import _categories, _check_adata, _obs_column, _to_py
 
 __all__ = [
     "MASK_TOKEN", "N_BINS", "ScBERT", "ScBERTConfig", "ScBERTModel", "ScBERTOutput", "ScBERTTokens",

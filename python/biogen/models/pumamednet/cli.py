@@ -15,7 +15,7 @@ def _device(name: str):
     ``cpu`` trains on CPUs with Gloo, anything else on the process's GPU (``LOCAL_RANK``) with NCCL."""
     import torch
 
-    from .. import distributed as bdist
+    from ... import distributed as bdist
 
     if bdist.launched_by_torchrun():
         bdist.init("gloo" if name == "cpu" or not torch.cuda.is_available() else "nccl")
@@ -26,7 +26,7 @@ def _device(name: str):
 
 
 def _read(data: str | Path, size: int, channels: int):
-    from .pumamednet import load_images
+    from .data import load_images
 
     folder = load_images(data, size=size, grayscale=channels == 1)
     for note in folder.notes[:5]:
@@ -50,10 +50,11 @@ def _train(data, out: Path, cfg, device, val_fraction: float, resume: bool = Fal
     """
     import torch
 
-    from .. import distributed as bdist
-    from ..data.images import save_grid
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, fit_classifier, fit_vae
+    from ... import distributed as bdist
+    from ...data.images import save_grid
+    from ...utils import write_json
+    from .network import PumaMedNet
+    from .training import fit_classifier, fit_vae
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -91,7 +92,7 @@ def _train(data, out: Path, cfg, device, val_fraction: float, resume: bool = Fal
 
 
 def _config_from_args(args):
-    from .pumamednet import PRESETS
+    from .network import PRESETS
 
     over = {k: v for k, v in {
         "image_size": args.image_size, "latent_dim": args.latent_dim, "beta": args.beta, "epochs": args.epochs,
@@ -107,8 +108,8 @@ def _config_from_args(args):
 
 
 def _cmd_train(args) -> int:
-    from .. import distributed as bdist
-    from ..utils import prepare_output_dir
+    from ... import distributed as bdist
+    from ...utils import prepare_output_dir
 
     cfg = _config_from_args(args)
     dev = _device(args.device)
@@ -131,8 +132,9 @@ def _cmd_train(args) -> int:
 def _explain(model_dir, data, out: Path, device, n_images: int, n_steps: int, top_k: int) -> dict:
     import torch
 
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, explain
+    from ...utils import write_json
+    from .explain import explain
+    from .network import PumaMedNet
 
     model = PumaMedNet.load(model_dir, map_location=device)
     folder = _read(data, model.cfg.image_size, model.cfg.in_channels)
@@ -144,7 +146,7 @@ def _explain(model_dir, data, out: Path, device, n_images: int, n_steps: int, to
 
 
 def _cmd_explain(args) -> int:
-    from ..utils import prepare_output_dir
+    from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     res = _explain(args.model, args.data, out, _device(args.device), args.n_images, args.n_steps, args.top_k)
@@ -197,8 +199,9 @@ def _audit(model_dir, data, out: Path, device, *, metadata=None, attributes=None
            threshold: float = 0.2, seed: int = 0):
     import torch
 
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, bias_audit, plot_audit
+    from ...utils import write_json
+    from .audit import bias_audit, plot_audit
+    from .network import PumaMedNet
 
     model = PumaMedNet.load(model_dir, map_location=device)
     folder = _read(data, model.cfg.image_size, model.cfg.in_channels)
@@ -227,7 +230,7 @@ def _print_audit(rep, n: int = 5) -> None:
 
 
 def _cmd_audit(args) -> int:
-    from ..utils import prepare_output_dir
+    from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     rep = _audit(args.model, args.data, out, _device(args.device), metadata=args.metadata,
@@ -239,9 +242,11 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .. import distributed as bdist
-    from ..utils import prepare_output_dir, write_json
-    from .pumamednet import PRESETS, grid_regions, make_synthetic_cxr, write_synthetic_folder
+    from ... import distributed as bdist
+    from ...utils import prepare_output_dir, write_json
+    from .audit import grid_regions
+    from .data import make_synthetic_cxr, write_synthetic_folder
+    from .network import PRESETS
 
     dev = _device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
@@ -297,7 +302,7 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
 
 
 def add_cli(sub) -> None:
-    from .pumamednet import PRESETS
+    from .network import PRESETS
 
     top = sub.add_parser(
         "pumamednet", help="denoising beta-VAE for explainable, bias-aware image classification",
