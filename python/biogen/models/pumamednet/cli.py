@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cliargs import add_device, add_out, add_resume, add_seed, command_group
+
 
 def _device(name: str):
     """The torch device for ``--device``; under torchrun each process's own (see :mod:`biogen.distributed`):
@@ -296,20 +298,17 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="folder of a trained model (the model/ folder written by train)")
         p.add_argument("--data", required=True, help="image folder, one sub-folder per class (PNG, JPEG, DICOM)")
-    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default: cpu)")
+    add_out(p)
+    add_device(p)
 
 
 def add_cli(sub) -> None:
     from .network import PRESETS
 
-    top = sub.add_parser(
-        "pumamednet", help="denoising beta-VAE for explainable, bias-aware image classification",
+    ps = command_group(
+        sub, "pumamednet", help="denoising beta-VAE for explainable, bias-aware image classification",
         description="PumaMedNet: a denoising beta-VAE with attention-weighted reconstruction; a classifier on "
         "the latent mean; explanations (reconstructions, latent traversals, attention maps) and a bias audit.")
-    ps = top.add_subparsers(dest="pumamednet_command", metavar="ACTION")
-    top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
 
     p = ps.add_parser("train", help="train the VAE and the latent classifier on an image folder",
                       description="Train on an image folder (one sub-folder per class). Writes model/ "
@@ -329,9 +328,8 @@ def add_cli(sub) -> None:
     p.add_argument("--finetune", action="store_true", help="fine-tune the encoder with the classifier")
     p.add_argument("--no-attention", action="store_true", help="unweighted reconstruction loss (no attention head)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (default 0.2)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/checkpoint (same data and options; any number of processes)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_resume(p, "continue an interrupted run from OUT/checkpoint (same data and options; any number of processes)")
+    add_seed(p, default=None)
     p.set_defaults(func=_cmd_train)
 
     p = ps.add_parser("explain", help="write reconstructions, latent traversals and attention maps",
@@ -354,7 +352,7 @@ def add_cli(sub) -> None:
     p.add_argument("--region", action="append", help="named region NAME=y0:y1,x0:x1 in pixels (repeatable)")
     p.add_argument("--grid", type=int, default=4, help="also audit a GRID x GRID tiling of the image; 0: none (default 4)")
     p.add_argument("--threshold", type=float, default=0.2, help="flip rate from which a candidate is flagged (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing swap donors (default 0)")
+    add_seed(p, "seed for choosing swap donors (default 0)")
     p.set_defaults(func=_cmd_audit)
 
     p = ps.add_parser("demo", help="synthetic chest X-rays with a planted shortcut: train, explain, audit",
@@ -369,5 +367,5 @@ def add_cli(sub) -> None:
                    help="marker/label correlation in training, 0..1; 0 plants no shortcut (default 0.9)")
     p.add_argument("--epochs", type=int, help="VAE epochs (overrides the preset)")
     p.add_argument("--threshold", type=float, default=0.2, help="flip rate from which a candidate is flagged (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_seed(p)
     p.set_defaults(func=_cmd_demo)

@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ...cliargs import add_out, add_resume, add_seed, command_group
+
 __all__ = ["add_cli", "evaluate_generated", "run_demo"]
 
 
@@ -433,15 +435,14 @@ def _cmd_demo(args) -> int:
 def add_cli(sub) -> None:
     from .cascade import CASCADE_PRESETS, SCHEDULER_NAMES
 
-    p = sub.add_parser("rnacdm", help="RNA-CDM: RNA beta-VAE + cascaded diffusion from bulk RNA to histology tiles",
+    rs = command_group(sub, "rnacdm", metavar="SUBCOMMAND",
+                       help="RNA-CDM: RNA beta-VAE + cascaded diffusion from bulk RNA to histology tiles",
                        description="RNA-to-histology synthesis (seeds 000/002): train the RNA beta-VAE, train the "
                        "cascade, sample tiles for RNA profiles, evaluate them, or run the toy-tissue demo.")
-    rs = p.add_subparsers(dest="rnacdm_command", metavar="SUBCOMMAND")
 
     def common(q, out_help):
-        q.add_argument("--out", required=True, help=out_help)
-        q.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        add_out(q, out_help)
+        add_seed(q)
 
     q = rs.add_parser("train-vae", help="train the RNA beta-VAE on an .h5ad (one row per sample)",
                       description="Train the beta-VAE on log expression; writes vae.safetensors (weights + z-score "
@@ -460,8 +461,8 @@ def add_cli(sub) -> None:
     q.add_argument("--obsm-key", default="X_rnavae", help="obsm key for the latents (default X_rnavae)")
     q.add_argument("--plot", choices=["umap", "pca", "none"], default="umap", help="latent plot (default umap)")
     q.add_argument("--verbose", action="store_true", help="print the loss of every epoch")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/checkpoint "
-                   "(written after every epoch; same data and options, --epochs may grow)")
+    add_resume(q, "continue an interrupted run from OUT/checkpoint (written after every epoch; same data and "
+               "options, --epochs may grow)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_train_vae)
 
@@ -531,9 +532,3 @@ def add_cli(sub) -> None:
     q.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_demo)
-
-    def _help(args, _p=p):
-        _p.print_help()
-        return 2
-
-    p.set_defaults(func=_help)
