@@ -31,6 +31,7 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
@@ -38,7 +39,9 @@ MAX_HEAD_DIM = 128
 KERNELS = ("softmax", "relu")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-OP = KernelOp("performer_attention")
+# On a GPU the tensor-core path first (Triton tl.dot for the feature maps and the state / query
+# products); the CUDA kernels are SIMT fp32, kept as the fallback.
+OP = KernelOp("performer_attention", gpu_order=("triton", "cuda", "torch"), triton_module="performer")
 
 
 def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, **_) -> list[str]:
@@ -274,7 +277,8 @@ def _fwd_op(
     """Returns (out, key_stabiliser (batch, heads) float32 (float64 for float64 inputs), key_state
     (see :func:`_empty_state`))."""
     _check_finite(q, k, v, projection, key_padding_mask)
-    return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
+    with on_device(q):
+        return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
 
 
 @_fwd_op.register_fake
@@ -299,8 +303,9 @@ def _bwd_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps,
-                          key_state)
+    with on_device(q):
+        dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps,
+                              key_state)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
