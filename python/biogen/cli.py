@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.tabular.cli",
     "biogen.models.pumamednet_cli",
     "biogen.models.rna_cdm_cli",
+    "biogen.gpucheck",
 )
 
 
