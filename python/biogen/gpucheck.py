@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -211,7 +212,9 @@ def _flex(device, pad, known, B, L):
     fn = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
 
     def call(q, k, v):
-        return fn(q, k, v, block_mask=block_mask)
+        with warnings.catch_warnings():  # eager on the CPU warns that it is unfused: known, it is a smoke run
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(q, k, v, block_mask=block_mask)
 
     return call
 
@@ -479,7 +482,19 @@ def run(args: argparse.Namespace) -> Report:
         raise GpuCheckError("--device cuda but torch.cuda.is_available() is False; use --device cpu --smoke")
     if device.type == "cpu" and not args.smoke:
         raise GpuCheckError("the full-size benchmarks need a GPU; on the CPU use --smoke")
+    groups = {"masked": (masked_attention_cases, True), "performer": (performer_cases, True),
+              "group_norm": (group_norm_cases, True), "train": (training_step_cases, False)}
+    builders = []
+    for name in args.cases.split(","):
+        if name not in groups:
+            raise GpuCheckError(f"unknown --cases entry {name!r}; choose from {', '.join(groups)}")
+        fn, modes = groups[name]
+        builders += ([lambda fn=fn, t=t: fn(device, args.smoke, t) for t in (False, True)] if modes
+                     else [lambda fn=fn: fn(device, args.smoke)])
     out = Path(args.out)
+    old = [n for n in ("report.md", "report.json") if (out / n).exists()]
+    if old:  # never overwrite a report the user has
+        raise GpuCheckError(f"{out} already holds {' and '.join(old)}; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     report = Report(device=str(device), smoke=args.smoke)
     preflight(device, report)
@@ -493,15 +508,6 @@ def run(args: argparse.Namespace) -> Report:
         if report.tests["failed"] or report.tests["errors"] or report.tests["error"]:
             report.failures.append(f"tests: {report.tests['failed']} failed, {report.tests['errors']} errors"
                                    + (f"; {report.tests['error']}" if report.tests["error"] else ""))
-    groups = {"masked": (masked_attention_cases, True), "performer": (performer_cases, True),
-              "group_norm": (group_norm_cases, True), "train": (training_step_cases, False)}
-    builders = []
-    for name in args.cases.split(","):
-        if name not in groups:
-            raise GpuCheckError(f"unknown --cases entry {name!r}; choose from {', '.join(groups)}")
-        fn, modes = groups[name]
-        builders += ([lambda fn=fn, t=t: fn(device, args.smoke, t) for t in (False, True)] if modes
-                     else [lambda fn=fn: fn(device, args.smoke)])
     for build in builders:
         if time.time() - t0 > args.budget_s:
             report.notes.append(f"time budget of {args.budget_s:.0f} s spent: later benchmarks not run")
