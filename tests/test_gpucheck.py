@@ -130,3 +130,27 @@ def test_subcommand_help_says_it_runs_from_a_checkout(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "repository checkout" in text and "--smoke" in text and "report.json" in text
+
+
+def test_a_test_stage_past_its_timeout_is_interrupted_and_keeps_the_cases_that_ran(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "tests" / "ops").mkdir(parents=True)
+    (repo / "tests" / "ops" / "test_k.py").write_text(
+        "import time\n\ndef test_cuda_a_fast():\n    assert True\n\n"
+        "def test_cuda_b_hangs():\n    time.sleep(120)\n")
+    out = tmp_path / "run"
+    rc = gpucheck.main(SMOKE + ["--out", str(out), "--repo", str(repo), "--tests-k", "cuda", "--test-timeout", "8",
+                                "--cases", "group_norm"])
+    assert rc == 1
+    data, _ = _load(out)
+    t = data["tests"]
+    assert "did not finish within 8 s" in t["error"] and t["duration_s"] < 60
+    assert {"id": "tests.ops.test_k::test_cuda_a_fast", "outcome": "passed"}.items() <= t["cases"][0].items()
+
+
+def test_time_interleaved_warms_up_then_rotates_the_order():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    med = gpucheck.time_interleaved(fns, 3, torch.device("cpu"))
+    assert set(med) == set("abc") and all(v >= 0 for v in med.values())
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -431,14 +432,20 @@ def run_tests(repo: Path, out: Path, args: list, timeout: float) -> dict:
                                                                     os.environ.get("PYTHONPATH")])))
     t0 = time.time()
     res = dict(command=cmd, cwd=str(repo), passed=0, failed=0, skipped=0, errors=0, cases=[], error=None)
-    try:
-        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-        res["returncode"] = proc.returncode
-        (out / "pytest-output.txt").write_text(proc.stdout + proc.stderr)
-    except subprocess.TimeoutExpired as exc:
-        res["returncode"] = None
-        res["error"] = f"pytest did not finish within {timeout:.0f} s"
-        (out / "pytest-output.txt").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
+    with open(out / "pytest-output.txt", "w") as log:  # streamed: a cut-short run keeps its output
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            res["returncode"] = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGINT, as Ctrl-C: pytest stops and still writes the junit report of the cases that ran
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            res["returncode"] = None
+            res["error"] = f"pytest did not finish within {timeout:.0f} s: interrupted, the cases that ran are listed"
     res["duration_s"] = round(time.time() - t0, 1)
     if xml_path.exists():
         for tc in ET.parse(xml_path).getroot().iter("testcase"):
