@@ -597,12 +597,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "biogen was imported from; an installed wheel has no tests: pass this or --no-tests)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest stage")
     p.add_argument("--tests-k", help=f"pytest -k expression over tests/ops (default {DEFAULT_TESTS_K!r})")
-    p.add_argument("--test-timeout", type=float, default=300.0, help="seconds for the pytest stage (default 300)")
+    p.add_argument("--test-timeout", type=float, default=240.0, help="seconds for the pytest stage (default 240)")
     p.add_argument("--cases", default="masked,performer,group_norm,train",
                    help="benchmark groups, comma-separated (default: all of masked,performer,group_norm,train)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (default 10)")
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="stop starting benchmarks after this many seconds (default 540)")
+    p.add_argument("--budget-s", type=float, default=500.0,
+                   help="stop starting benchmarks after this many seconds (default 500)")
 
 
 _DESCRIPTION = __doc__.split("\n\n", 1)[1]
