@@ -17,7 +17,7 @@ def info() -> dict:
     """
     import dataclasses
 
-    from .ops import _runtime
+    from .ops import _runtime, group_norm, masked_attention, performer, sampler
 
     cuda = torch.device("cuda")
     return {
@@ -28,6 +28,7 @@ def info() -> dict:
         "build": _runtime.build_info(),
         "cuda_status": dataclasses.asdict(_runtime._cuda_device_status(cuda)),
         "backends": {d: _runtime.available_backends(d) for d in ("cpu", "cuda")},
+        "gpu_order": {m.OP.name: list(m.OP.gpu_order) for m in (masked_attention, performer, group_norm, sampler)},
         "cuda_reason": None if torch.cuda.is_available() else "torch.cuda.is_available() is False",
     }
 
@@ -70,6 +71,7 @@ def format_info(d: dict) -> str:
             lines.append(_cuda_status_line(d["cuda_status"]))
     if d["cuda_reason"]:
         lines.append(f"GPU: none usable ({d['cuda_reason']})")
+    lines.append("auto order on a GPU: " + "; ".join(f"{op} {' > '.join(o)}" for op, o in d["gpu_order"].items()))
     for dev, backends in d["backends"].items():
         lines.append(f"backends for {dev} tensors:")
         for name, reasons in backends.items():

@@ -177,6 +177,7 @@ def test_info_says_why_cuda_is_unavailable_on_a_fake_sm75(fake_gpu, capsys):
     section = out[out.index("backends for cuda tensors:"):]
     cuda_line = next(line for line in section.splitlines() if line.strip().startswith("cuda "))
     assert "unavailable" in cuda_line and "sm_75" in cuda_line and "compute capability 7.5" in cuda_line
+    assert "masked_gene_attention triton > cuda > torch" in out and "group_norm_silu cuda > triton > torch" in out
 
 
 def test_info_says_why_cuda_is_unavailable_without_a_driver(fake_gpu, capsys):
