@@ -35,7 +35,8 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 CPU_ORDER = ("cpu", "torch")
 # The GPU order of an op that declares none; ops declare theirs (see KernelOp.gpu_order).
 DEFAULT_GPU_ORDER = ("cuda", "triton", "torch")
-# Triton's tl.dot with bf16 operands (every Triton kernel here) needs Ampere or newer.
+# biogen's Triton kernels target Ampere or newer (bf16 tl.dot in the attention kernels, bf16 loads).
+# Older GPUs fall back to the next backend.
 TRITON_MIN_CAPABILITY = (8, 0)
 
 # dtype codes shared with csrc/include/biogen/common.h (enum DType)
@@ -238,7 +239,7 @@ def triton_gpu_reasons(st: CudaStatus, index: int) -> list[str]:
     if st.capability is not None and tuple(st.capability) < TRITON_MIN_CAPABILITY:
         cap, need = st.capability, TRITON_MIN_CAPABILITY
         return [f"cuda:{index} has compute capability {cap[0]}.{cap[1]}; biogen's Triton kernels need "
-                f"{need[0]}.{need[1]} or newer (bf16 tl.dot)"]
+                f"{need[0]}.{need[1]} or newer (Ampere)"]
     return []
 
 
