@@ -13,12 +13,12 @@ from typing import Optional, Sequence
 # on its parsers taking the parsed args and returning an exit code.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.selfcheck",
+    "biogen.gpucheck",
     "biogen.sc.cli",
     "biogen.models.tumorsynth_cli",
     "biogen.tabular.cli",
     "biogen.models.pumamednet_cli",
     "biogen.models.rna_cdm_cli",
-    "biogen.gpucheck",
 )
 
 
