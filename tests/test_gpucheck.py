@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from biogen import cli, gpucheck
 from biogen.ops import group_norm, masked_attention
 
 SMOKE = ["--device", "cpu", "--smoke", "--rounds", "1"]
+REPO = str(Path(__file__).resolve().parents[1])  # CI installs biogen as a wheel: name the checkout
 
 
 def _load(out):
@@ -20,7 +22,7 @@ def _load(out):
 
 def test_smoke_run_writes_both_reports(tmp_path, capsys):
     out = tmp_path / "run"
-    assert gpucheck.main(SMOKE + ["--out", str(out)]) == 0
+    assert gpucheck.main(SMOKE + ["--out", str(out), "--repo", REPO]) == 0
     data, md = _load(out)
     assert data["ok"] is True and data["failures"] == [] and data["smoke"] is True
     for key in ("schema", "device", "env", "tests", "benchmarks", "correctness", "elapsed_s"):

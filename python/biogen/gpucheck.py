@@ -6,7 +6,8 @@ Sized for a 10-minute window on one H100 / H200; it builds nothing. In order:
    ``cuda`` or ``triton`` backend on a GPU is a failure: their tests would only skip);
 2. the CUDA and Triton tests of ``tests/ops`` (pytest ``-k "cuda or triton"``, in a subprocess,
    run from the repository checkout: ``--repo``, default the checkout this module was imported
-   from), each case's outcome in the report;
+   from, else the current folder; the tests import the same biogen as this command), each case's
+   outcome in the report;
 3. benchmarks at the model shapes (SPEC.md), each checked against the baseline's numbers before it
    is timed: masked gene attention (scGPT: B 8, H 8, L 1200 / 3001, D 64, generative mask) vs
    ``F.scaled_dot_product_attention`` with the dense boolean mask and vs FlexAttention with the same
@@ -415,21 +416,24 @@ def bench_case(case: Case, rounds: int, device: torch.device, failed: set) -> li
 
 
 def find_repo(start: Optional[str]) -> Path:
+    """``--repo``, else the checkout this module was imported from, else the current folder."""
     if start:
-        root = Path(start)
-    else:
-        root = Path(__file__).resolve().parents[2]  # python/biogen/gpucheck.py -> the checkout
-    if not (root / "tests" / "ops").is_dir():
-        raise GpuCheckError(f"no tests/ops under {root}: gpucheck runs the kernel tests from a repository "
-                            "checkout; pass --repo PATH (or --no-tests)")
-    return root
+        candidates = [Path(start)]
+    else:  # python/biogen/gpucheck.py -> the checkout (an installed wheel lives elsewhere)
+        candidates = [Path(__file__).resolve().parents[2], Path.cwd()]
+    for root in candidates:
+        if (root / "tests" / "ops").is_dir():
+            return root
+    raise GpuCheckError(f"no tests/ops under {candidates[0]}: gpucheck runs the kernel tests from a repository "
+                        "checkout; pass --repo PATH (or --no-tests)")
 
 
 def run_tests(repo: Path, out: Path, args: list, timeout: float) -> dict:
     xml_path = out / "pytest-junit.xml"
     cmd = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", f"--junitxml={xml_path}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo / "python"),
-                                                                    os.environ.get("PYTHONPATH")])))
+    # the tests import the biogen this process runs (a source tree or an installed wheel, with its _C)
+    here = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     t0 = time.time()
     res = dict(command=cmd, cwd=str(repo), passed=0, failed=0, skipped=0, errors=0, cases=[], error=None)
     with open(out / "pytest-output.txt", "w") as log:  # streamed: a cut-short run keeps its output
@@ -593,8 +597,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for report.md, report.json and the pytest output")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default: cuda")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (the only mode on --device cpu)")
-    p.add_argument("--repo", help="the repository checkout whose tests/ops to run (default: the checkout "
-                   "biogen was imported from; an installed wheel has no tests: pass this or --no-tests)")
+    p.add_argument("--repo", help="the repository checkout whose tests/ops to run, against the biogen this "
+                   "command imports (default: the checkout biogen was imported from, else the current folder)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest stage")
     p.add_argument("--tests-k", help=f"pytest -k expression over tests/ops (default {DEFAULT_TESTS_K!r})")
     p.add_argument("--test-timeout", type=float, default=240.0, help="seconds for the pytest stage (default 240)")
