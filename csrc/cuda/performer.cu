@@ -658,6 +658,7 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
   const size_t sh_feat = (kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    allow_dynamic_smem(key_max_kernel<T>, sh_feat, "performer_fwd_cuda");
     key_max_kernel<T><<<bh, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ck);
     if (a.causal) {  // ws_C, ws_z hold each block's prefix state S, z
       const int C = causal_chunk(D, m);
@@ -669,6 +670,7 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
       key_state_kernel<T><<<dim3(bh, ny), kThreads, 0, stream>>>(a, (int)y0, (const T*)k, (const T*)v,
                                                                 (const float*)ck, (float*)ws_C, (float*)ws_z);
     });
+    allow_dynamic_smem(query_out_kernel<T>, sh_feat, "performer_fwd_cuda");
     for_grid_y(L, [&](int64_t y0, unsigned ny) {
       query_out_kernel<T><<<dim3(bh, ny), kThreads, sh_feat, stream>>>(a, (int)y0, (const T*)q, (const float*)ws_C,
                                                                       (const float*)ws_z, (T*)out);
@@ -690,6 +692,7 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
   const size_t sh_bwd = (2 * kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    allow_dynamic_smem(key_max_kernel<T>, sh_feat, "performer_bwd_cuda");
     key_max_kernel<T><<<bh, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ws_ck);
     if (a.causal) {  // prefix states S, z in ws_C, ws_z; reverse-sweep states R, r in ws_dC, ws_dz
       const int C = causal_chunk(D, m);
@@ -703,6 +706,8 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
       key_state_kernel<T><<<dim3(bh, ny), kThreads, 0, stream>>>(a, (int)y0, (const T*)k, (const T*)v,
                                                                 (const float*)ws_ck, (float*)ws_C, (float*)ws_z);
     });
+    allow_dynamic_smem(bwd_query_kernel<T>, sh_bwd, "performer_bwd_cuda");
+    allow_dynamic_smem(bwd_key_kernel<T>, sh_bwd, "performer_bwd_cuda");
     for_grid_y(L, [&](int64_t y0, unsigned ny) {
       bwd_query_kernel<T><<<dim3(bh, ny), kThreads, sh_bwd, stream>>>(
           a, (int)y0, (const T*)q, (const T*)out, (const T*)gout, (const float*)ws_C, (const float*)ws_z,

@@ -263,8 +263,8 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, name):
 
 
 def test_cuda_performer_declares_its_shared_memory_limit():
-    """(2 x 128 + 2 m) floats of dynamic shared memory + ~2 KB static must fit the 48 KB default."""
-    ok = performer._reasons_cuda(dtype=torch.float32, head_dim=64, causal=False, nb_features=266)
-    too_many = performer._reasons_cuda(dtype=torch.float32, head_dim=64, causal=False, nb_features=6000)
-    assert ok == [] and "48 KB" in "; ".join(too_many)
-    assert 4 * (2 * 128 + 2 * performer._CUDA_MAX_FEATURES) + 2048 <= 48 * 1024
+    """(2 x 128 + 2 m) floats of dynamic shared memory + ~2 KB static must fit 99 KB, the smallest
+    per-block opt-in limit among sm_80+ GPUs."""
+    ok = performer._reasons_cuda(dtype=torch.float32, head_dim=64, causal=False, nb_features=12288)
+    too_many = performer._reasons_cuda(dtype=torch.float32, head_dim=64, causal=False, nb_features=12289)
+    assert ok == [] and "99 KB" in "; ".join(too_many)

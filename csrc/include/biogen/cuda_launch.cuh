@@ -34,6 +34,15 @@ void for_grid_y(int64_t n, F&& launch) {
   for (int64_t y0 = 0; y0 < n; y0 += kMaxGridY) launch(y0, unsigned(std::min(kMaxGridY, n - y0)));
 }
 
+// A kernel needing more than the 48 KB of dynamic shared memory a block gets by default must opt in
+// (up to the device's limit: 99 KB on sm_86/sm_89/sm_120, 163 KB on sm_80, 227 KB on sm_90/sm_100).
+template <class Kernel>
+void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* op) {
+  if (bytes > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op,
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+}
+
 // Kernels launch on the device that holds the tensors (the pointer's device), whatever the
 // caller's current device is; the previous device is restored on exit.
 class DeviceGuard {

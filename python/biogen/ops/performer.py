@@ -73,15 +73,17 @@ _CUDA_CAUSAL_SMEM = 46 * 1024
 
 
 # The non-causal CUDA kernels keep two rows of 128 floats and two of nb_features floats in dynamic
-# shared memory, plus ~2 KB of static reduction buffers, within the 48 KB a block gets by default.
-_CUDA_MAX_FEATURES = (48 * 1024 - 2048 - 4 * 2 * 128) // (4 * 2)
+# shared memory (opting in past 48 KB), plus ~2 KB of static reduction buffers, within 99 KB per
+# block: the smallest opt-in limit of the architectures the build runs on (sm_86 / sm_89 / sm_120).
+_CUDA_SMEM_PER_BLOCK = 101376
+_CUDA_MAX_FEATURES = (_CUDA_SMEM_PER_BLOCK - 2048 - 4 * 2 * 128) // (4 * 2)
 
 
 def _reasons_cuda(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False,
                   nb_features: int = 0, **_) -> list[str]:
     r = _reasons_dtype_dim(dtype, head_dim)
     if not causal and nb_features > _CUDA_MAX_FEATURES:
-        r.append(f"supports at most {_CUDA_MAX_FEATURES} random features (48 KB of shared memory per block; "
+        r.append(f"supports at most {_CUDA_MAX_FEATURES} random features (99 KB of shared memory per block; "
                  f"nb_features={nb_features})")
     if causal and 4 * (6 * head_dim + 4 * nb_features + 6) > _CUDA_CAUSAL_SMEM:
         r.append(f"supports causal=True with at most {(_CUDA_CAUSAL_SMEM // 4 - 6 * head_dim - 6) // 4} random "
