@@ -52,10 +52,7 @@ void performer_bwd(int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, u
 #endif
 
 #ifdef BIOGEN_WITH_CUDA
-namespace biogen::cuda {
-// Defined in csrc/cuda/runtime.cu: (device count, error string if the runtime could not be queried).
-std::pair<int, std::string> device_count();
-}  // namespace biogen::cuda
+#include "biogen/cuda_status.h"
 #endif
 
 // --- diffusion: group_norm_silu and sampler_step (csrc/cpu/group_norm.cpp, csrc/cpu/sampler.cpp) ---
@@ -150,6 +147,32 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "biogen compiled kernels (CPU: OpenMP + SIMD; CUDA where built)";
   m.def("build_info", &build_info, "What this extension was compiled with and what it finds at run time.");
+#ifdef BIOGEN_WITH_CUDA
+  m.def(
+      "cuda_status",
+      [](int device) {
+        biogen::cuda::Status s;
+        {
+          py::gil_scoped_release nogil;  // a first query initialises the driver: slow
+          s = biogen::cuda::status(device);
+        }
+        py::dict d;
+        d["runtime_version"] = s.runtime_version;
+        d["driver_version"] = s.driver_version;
+        d["device_count"] = s.device_count;
+        d["error"] = s.error;
+        d["major"] = s.major;
+        d["minor"] = s.minor;
+        d["smem_optin"] = s.smem_optin;
+        d["ptx_version"] = s.ptx_version;
+        d["binary_version"] = s.binary_version;
+        d["image_error"] = s.image_error;
+        return d;
+      },
+      py::arg("device"),
+      "What the CUDA runtime finds for one device index (driver, device count, compute capability, "
+      "whether a kernel image of this extension loads there); never raises.");
+#endif
   // --- kernels: one block per op, declared in their csrc/cpu and csrc/cuda files ---
 
   // masked gene attention, CUDA (csrc/cuda/masked_attention.cu). Launches are asynchronous on the

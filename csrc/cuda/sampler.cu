@@ -11,6 +11,8 @@
 #include <string>
 #include <type_traits>
 
+#include "biogen/cuda_launch.cuh"
+
 namespace biogen::cuda {
 namespace {
 
@@ -28,8 +30,8 @@ struct Coefs {
 template <typename T>
 __global__ void step_kernel(const T* x, const T* m, const T* mu, const T* px0, const T* noise, T* prev, T* x0_out,
                             float* x0f, const float* th, Coefs k, int64_t N, int pred, float w, float clip,
-                            int mode) {
-  const int64_t b = blockIdx.y;
+                            int mode, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= N) return;
   const int64_t i = b * N + j;
@@ -66,17 +68,19 @@ void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t p
                   uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N,
                   int pred, double w, double clip, int mode, uintptr_t stream) {
   if (B <= 0 || N <= 0) throw std::invalid_argument("biogen: sampler_step: empty input");
-  if (B > 65535) throw std::invalid_argument("biogen: sampler_step: batch must be at most 65535 on cuda");
   if ((mode == 1 || mode == 2) && x0f == 0) throw std::invalid_argument("biogen: sampler_step: missing x0 buffer");
   if (mode == 2 && th == 0) throw std::invalid_argument("biogen: sampler_step: missing thresholds");
   const Coefs k{(const float*)alpha, (const float*)sigma, (const float*)c_sample, (const float*)c_x0,
                 (const float*)c_eps, (const float*)c_noise, (const float*)c_prev_x0};
-  const dim3 grid(unsigned((N + 255) / 256), unsigned(B));
+  const unsigned gx = grid_x((N + 255) / 256, "sampler_step_cuda");
+  DeviceGuard guard(x, "sampler_step_cuda");
   auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    step_kernel<T><<<grid, 256, 0, (cudaStream_t)stream>>>(
-        (const T*)x, (const T*)m, (const T*)mu, (const T*)px0, (const T*)noise, (T*)prev, (T*)x0, (float*)x0f,
-        (const float*)th, k, N, pred, float(w), float(clip), mode);
+    for_grid_y(B, [&](int64_t b0, unsigned nb) {  // samples along grid y, sliced past 65,535
+      step_kernel<T><<<dim3(gx, nb), 256, 0, (cudaStream_t)stream>>>(
+          (const T*)x, (const T*)m, (const T*)mu, (const T*)px0, (const T*)noise, (T*)prev, (T*)x0, (float*)x0f,
+          (const float*)th, k, N, pred, float(w), float(clip), mode, b0);
+    });
   };
   switch (dtype) {
     case 0: launch((float*)nullptr); break;

@@ -30,13 +30,15 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 
-OP = KernelOp("sampler_step")
+# Elementwise and memory-bound: the SIMT CUDA kernel first on a GPU.
+OP = KernelOp("sampler_step", gpu_order=("cuda", "triton", "torch"), triton_module="sampler")
 
 
 def _reasons_dtype(dtype: torch.dtype, **_) -> list[str]:
@@ -131,9 +133,10 @@ def _fwd_op(
     if backend == "torch":
         prev, x0 = reference.sampler_step_ref(*args)
         return prev.contiguous(), x0.contiguous()
-    if backend == "triton":
-        return triton_kernel("sampler").sampler_step(*args)
-    return _native(backend, *args)
+    with on_device(sample):
+        if backend == "triton":
+            return triton_kernel("sampler").sampler_step(*args)
+        return _native(backend, *args)
 
 
 @_fwd_op.register_fake
