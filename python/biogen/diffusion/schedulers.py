@@ -257,6 +257,7 @@ class _Scheduler:
             ``uncond + guidance_scale * (cond - uncond)`` is used (fused into the step).
         variance_noise : (batch, ...) explicit noise instead of drawing it from ``generator``.
         backend : kernel backend of :func:`biogen.ops.sampler_step`.
+        **kwargs : per-scheduler step options, as diffusers' (DDIM: ``eta``, ``use_clipped_model_output``).
         """
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(num_inference_steps)")
