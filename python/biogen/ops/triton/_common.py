@@ -100,14 +100,21 @@ def operand_dtype(dtype: torch.dtype):
 
 
 @triton.jit
+def round_bf16(x):
+    """float32 -> bfloat16 -> float32 with round-to-nearest-even, as a GPU cast does: the
+    interpreter's cast truncates (twice the rounding error)."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mma(a, b, PREC: tl.constexpr, OPDT: tl.constexpr):
     """a @ b on the tensor cores: operands rounded to OPDT, float32 accumulation."""
-    a = a.to(OPDT)
-    b = b.to(OPDT)
     if PREC == "f32":
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(round_bf16(a), round_bf16(b), input_precision="ieee")
     else:
-        c = tl.dot(a, b, input_precision=PREC)
+        c = tl.dot(a.to(OPDT), b.to(OPDT), input_precision=PREC)
     return c
 
 
