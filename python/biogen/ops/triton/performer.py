@@ -589,15 +589,19 @@ def _configs(kernel: str, dtype: torch.dtype, D: int, m: int, L: int, arch: Arch
         if arch.interpreter:
             return [Config.of(1, 1, BLOCK_C=16, BLOCK_F=min(fmax, 64))]
         wide = dtype != torch.float32
-        cands = [(16, 64, 4), (16, 32, 4), (16, 16, 4)] if (wide and D <= 64) else [(16, 32, 4), (16, 16, 4)]
+        if wide:
+            cands = [(16, 64, 4), (16, 32, 4), (16, 16, 4)] if D <= 64 else [(16, 32, 4), (16, 16, 4)]
+        else:  # 3xTF32 holds every operand twice: eight warps share the register load
+            cands = [(16, 32, 8), (16, 16, 8), (16, 16, 4)] if D <= 64 else [(16, 16, 8), (16, 16, 4)]
         return list(dict.fromkeys(Config.of(w, 1, BLOCK_C=c, BLOCK_F=min(f, fmax)) for c, f, w in cands))
     if arch.interpreter:
         return [Config.of(1, 1, BLOCK_L=min(lmax, 32 if L > 16 else 16), BLOCK_M=min(32 if m <= 32 else 64, fmax))]
     wide = dtype != torch.float32
-    if kernel in ("key_state", "fwd_query", "row_max", "bwd_dc"):
-        cands = [(64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)] if wide else [(32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)]
-    else:  # bwd_query / bwd_key keep three row tiles and a gradient tile live
-        cands = [(32, 64, 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)] if wide else [(16, 64, 4, 1), (16, 32, 4, 1)]
+    if kernel in ("key_state", "fwd_query", "row_max"):
+        cands = [(64, 64, 4, 2), (32, 64, 4, 1), (16, 32, 4, 1)] if wide else [(16, 32, 4, 1), (16, 16, 4, 1)]
+    else:  # the backward kernels keep three float32 row tiles (x, dout, out) and a gradient tile live
+        cands = ([(32, 64, 8 if D > 64 else 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)] if wide
+                 else [(16, 32, 4, 1), (16, 16, 4, 1)])
     return list(dict.fromkeys(Config.of(w, st, BLOCK_L=min(bl, lmax), BLOCK_M=min(bm, fmax)) for bl, bm, w, st in cands))
 
 
@@ -605,7 +609,7 @@ def _smem(kernel: str, dtype: torch.dtype, D: int):
     """Estimated shared memory: every tl.dot operand tile (twice for float32: 3xTF32 keeps a high
     and a low part), times the pipeline stages. Checked against the compiled kernels in
     tests/gpu_compile."""
-    e = 2 if dtype != torch.float32 else 8
+    e = 2 if dtype != torch.float32 else 4
     bd = _bd(D)
 
     def est(c: Config) -> int:
