@@ -1,5 +1,8 @@
 """Compile a recorded Triton launch for a GPU target without a GPU, and read what ptxas made of it.
 
+Run it in a process where TRITON_INTERPRET is unset (``runner.py``): under the interpreter flag
+``@triton.jit`` gives interpreter functions and Triton's code generation misbehaves.
+
 The launch is bound and specialised exactly as ``kernel[grid](...)`` would on that GPU (Triton's own
 binder: integer arguments equal to 1 become constants, pointers and multiples of 16 get their
 divisibility), then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the
@@ -28,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from biogen.ops.triton._common import Arch, Config, Launch
+from biogen.ops.triton._common import Arch, Config, Launch  # noqa: E402
 
 CACHE = Path(os.environ.get("BIOGEN_GPU_COMPILE_CACHE", Path.home() / ".cache" / "biogen" / "gpu_compile"))
 
@@ -94,11 +97,17 @@ def compile_launch(launch: Launch, arch: Arch, config: Config | None = None) -> 
     log = io.StringIO()
     old_dump, old_always = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True  # ptxas must run to report
+    old_interp = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # code generation differs under the interpreter flag
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old_dump, old_always
+        if old_interp is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old_interp
     report = log.getvalue()
     stack, stores, loads = (int(x) for x in _PTXAS.search(report).groups())
     ptx = k.asm["ptx"]

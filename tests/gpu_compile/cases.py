@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from biogen.ops.triton import masked_attention, performer
-from biogen.ops.triton._common import SM80, SM90, Arch, Launch, recording
+from biogen.ops.triton import _common, masked_attention, performer
 
-ARCHS = {"sm80": SM80, "sm90": SM90}
+ARCHS = {"sm80": _common.SM80, "sm90": _common.SM90}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,13 +36,13 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def launches(case: Case, arch: Arch, B: int = 2, H: int = 4, L: int = 1200) -> list[Launch]:
+def launches(case: Case, arch, B: int = 2, H: int = 4, L: int = 1200) -> list:
     """Forward and backward launches of ``case`` as the launchers plan them for ``arch``."""
     dt = DTYPES[case.dtype]
     D = case.head_dim
     q, k, v = (_meta(B, H, L, D, dtype=dt) for _ in range(3))
     kpm = _meta(B, L, dtype=torch.bool)
-    with recording(arch) as rec:
+    with _common.recording(arch) as rec:
         if case.op == "masked":
             known = _meta(B, L, dtype=torch.bool) if case.unknown else None
             out, lse = masked_attention.forward(q, k, v, kpm, known, D ** -0.5)

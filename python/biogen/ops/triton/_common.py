@@ -23,6 +23,8 @@ import triton.language as tl
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability.
 SMEM_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
                   100: 232448, 103: 232448, 120: 101376}
+# Shared memory of a kernel without tl.dot: the scratch of its row reductions (an upper bound).
+REDUCTION_SMEM = 4096
 # Hardware limit of grid dimensions y and z; x goes to 2^31 - 1, so launchers flatten onto x.
 GRID_X_MAX = 2**31 - 1
 

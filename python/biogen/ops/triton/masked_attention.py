@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._common import Arch, Config, KernelPlan, arch_of, device_guard, dot_precision, launch, mma, operand_dtype, plan
+from ._common import REDUCTION_SMEM, Arch, Config, KernelPlan, arch_of, device_guard, dot_precision, launch, mma, operand_dtype, plan
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -395,7 +395,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
     ps = plans(q.dtype, D, arch)
     delta = torch.zeros((B, H, L), dtype=torch.float32, device=q.device)
     dplan = plan("masked_attention delta", arch,
-                 [Config.of(1, 1, BM=16)] if arch.interpreter else [Config.of(4, 1, BM=64)], lambda c: 0)
+                 [Config.of(1, 1, BM=16)] if arch.interpreter else [Config.of(4, 1, BM=64)], lambda c: REDUCTION_SMEM)
     nt = triton.cdiv(L, dplan.require()["BM"])
     # Rows nobody writes (padding) stay zero.
     dq = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
