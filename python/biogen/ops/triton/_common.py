@@ -75,6 +75,20 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+
+def input_reasons(dtype: torch.dtype, head_dim: int) -> list[str]:
+    """What the attention kernels cannot take at all, whatever the GPU."""
+    r = []
+    if dtype not in FLOATS:
+        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
+    return r
+
+
 # ----------------------------------------------------------------------------- matmul precision
 
 

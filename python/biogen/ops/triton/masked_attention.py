@@ -27,7 +27,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._common import REDUCTION_SMEM, Arch, Config, KernelPlan, arch_of, device_guard, dot_precision, launch, mma, operand_dtype, plan
+from ._common import (
+    REDUCTION_SMEM, Arch, Config, KernelPlan, arch_of, device_guard,
+    dot_precision, input_reasons, launch, mma, operand_dtype, plan,
+)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -271,8 +274,6 @@ def _plan(q: torch.Tensor, kpm: Optional[torch.Tensor], known: Optional[torch.Te
     return qidx, qcnt, kidx, kcnt, unk
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 128
 
 
 def _configs(kernel: str, dtype: torch.dtype, dp: int, arch: Arch) -> list[Config]:
@@ -324,11 +325,7 @@ def plans(dtype: torch.dtype, head_dim: int, arch: Arch) -> dict[str, KernelPlan
 def unsupported_reasons(*, dtype: torch.dtype = torch.float32, head_dim: int = 64, device=None, **_) -> list[str]:
     """Why the Triton kernels cannot run these inputs on ``device`` (an empty list: they can).
     ``device``: a torch device, a compute capability or an :class:`Arch`."""
-    r = []
-    if dtype not in _FLOATS:
-        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
+    r = input_reasons(dtype, head_dim)
     if r:
         return r
     return [p.reason() for p in plans(dtype, head_dim, arch_of(device)).values() if p.reason()]

@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Arch, Config, KernelPlan, arch_of, device_guard, dot_precision, launch, mma, operand_dtype, plan,
-                      round_bf16)
+from ._common import (
+    Arch, Config, KernelPlan, arch_of, device_guard, dot_precision,
+    input_reasons, launch, mma, operand_dtype, plan, round_bf16,
+)
 
 
 @triton.jit
@@ -112,6 +114,21 @@ def _row_max(x, w_ptr, m, D, s, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
+def _row_tile(pad_ptr, H, L, D, NT, HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row-tile program's (batch*head) (int64), batch, head, rows, columns, valid rows and load mask;
+    programs are (batch*head, row tile) flattened onto grid x."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // NT
+    b = bh // H
+    offs_l = (pid % NT).to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_l < L
+    if HAS_PAD:
+        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
+    return bh, b, bh % H, offs_l, offs_d, valid, valid[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _phi(dd, diag, c, fmask, ratio, eps, RELU: tl.constexpr):
     """(phi, its exp/relu part) of one block; c per row (queries) or a scalar (keys)."""
     if RELU:
@@ -128,16 +145,7 @@ def _fwd_query_kernel(q_ptr, w_ptr, pad_ptr, c_state_ptr, z_ptr, o_ptr,
                       HAS_PAD: tl.constexpr, RELU: tl.constexpr,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       PREC: tl.constexpr, OPDT: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # (batch*head, row tile) flattened onto grid x
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_l = (pid % NT).to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = offs_l < L
-    if HAS_PAD:
-        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
-    mask = valid[:, None] & (offs_d[None, :] < D)
+    bh, b, h, offs_l, offs_d, valid, mask = _row_tile(pad_ptr, H, L, D, NT, HAS_PAD, BLOCK_L, BLOCK_D)
     x = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     diag = tl.sum(x * x, axis=1) * (s * s * 0.5)
@@ -167,16 +175,7 @@ def _bwd_query_kernel(q_ptr, w_ptr, pad_ptr, c_state_ptr, z_ptr, o_ptr, go_ptr, 
                       HAS_PAD: tl.constexpr, RELU: tl.constexpr,
                       BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       PREC: tl.constexpr, OPDT: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # (batch*head, row tile) flattened onto grid x
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_l = (pid % NT).to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = offs_l < L
-    if HAS_PAD:
-        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
-    mask = valid[:, None] & (offs_d[None, :] < D)
+    bh, b, h, offs_l, offs_d, valid, mask = _row_tile(pad_ptr, H, L, D, NT, HAS_PAD, BLOCK_L, BLOCK_D)
     x = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     go = tl.load(go_ptr + b * sgb + h * sgh + offs_l[:, None] * sgl + offs_d[None, :], mask=mask, other=0.0)
@@ -271,16 +270,7 @@ def _bwd_key_kernel(k_ptr, v_ptr, w_ptr, pad_ptr, ck_ptr, dc_ptr, dz_ptr, dk_ptr
                     HAS_PAD: tl.constexpr, RELU: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       PREC: tl.constexpr, OPDT: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # (batch*head, row tile) flattened onto grid x
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_l = (pid % NT).to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = offs_l < L
-    if HAS_PAD:
-        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
-    mask = valid[:, None] & (offs_d[None, :] < D)
+    bh, b, h, offs_l, offs_d, valid, mask = _row_tile(pad_ptr, H, L, D, NT, HAS_PAD, BLOCK_L, BLOCK_D)
     x = tl.load(k_ptr + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     vv = tl.load(v_ptr + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
@@ -346,17 +336,9 @@ def _row_max_kernel(q_ptr, w_ptr, pad_ptr, cq_ptr, H, L, D, m, sqb, sqh, sql, s,
                     HAS_PAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, OPDT: tl.constexpr):
     """Query stabiliser of the causal softmax kernel: max over all features of s q.W_f, per row."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_l = (pid % NT).to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    valid = offs_l < L
-    if HAS_PAD:
-        valid = valid & (tl.load(pad_ptr + b * L + offs_l, mask=offs_l < L, other=1) == 0)
-    x = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :],
-                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    bh, b, h, offs_l, offs_d, valid, mask = _row_tile(pad_ptr, H, L, D, NT, HAS_PAD, BLOCK_L, BLOCK_D)
+    x = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     cq = _row_max(x, w_ptr, m, D, s, BLOCK_L, BLOCK_M, BLOCK_D, PREC, OPDT)
     tl.store(cq_ptr + bh * L + offs_l, cq, mask=offs_l < L)
 
@@ -564,8 +546,6 @@ def _causal_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, pad_ptr, cq_ptr, ck_ptr, o
 
 # ----------------------------------------------------------------------------- plans and launchers
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 128
 # C, z, dC, dz are stored with this many feature rows (zero past m), so kernels whose feature block
 # differs still read inside the buffer.
 _MP_ALIGN = 128
@@ -645,11 +625,7 @@ def unsupported_reasons(*, dtype: torch.dtype = torch.float32, head_dim: int = 6
                         causal: bool = False, device=None, **_) -> list[str]:
     """Why the Triton kernels cannot run these inputs on ``device`` (an empty list: they can).
     ``device``: a torch device, a compute capability or an :class:`Arch`."""
-    r = []
-    if dtype not in _FLOATS:
-        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
+    r = input_reasons(dtype, head_dim)
     if r:
         return r
     return [p.reason() for p in plans(dtype, head_dim, nb_features, causal, arch_of(device)).values() if p.reason()]
