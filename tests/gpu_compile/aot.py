@@ -111,8 +111,9 @@ def compile_launch(launch: Launch, arch: Arch, config: Config | None = None) -> 
     report = log.getvalue()
     stack, stores, loads = (int(x) for x in _PTXAS.search(report).groups())
     ptx = k.asm["ptx"]
-    res = Compiled(fn.__name__, arch.capability, str(config), int(k.metadata.shared), int(_REGS.search(report).group(1)),
-                   stores, loads, stack, len(re.findall(r"\bmma\.sync\b", ptx)), len(re.findall(r"\bwgmma\.mma_async\b", ptx)))
+    res = Compiled(fn.__name__, arch.capability, str(config), int(k.metadata.shared),
+                   int(_REGS.search(report).group(1)), stores, loads, stack,
+                   len(re.findall(r"\bmma\.sync\b", ptx)), len(re.findall(r"\bwgmma\.mma_async\b", ptx)))
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(res)))

@@ -9,7 +9,9 @@ per-block limit and the plan's estimate bounds it (the estimate is what the laun
 kernels contain tensor-core instructions (mma.sync / wgmma in the PTX).
 
 The default run compiles the chosen configs of a representative subset (``cases.default_subset``:
-every kernel, every dtype, the largest shapes); the full run adds every fallback config and the whole matrix: ``BIOGEN_GPU_COMPILE_FULL=1 pytest tests/gpu_compile -m gpu_compile_full``. ``BIOGEN_GPU_COMPILE_REPORT=path.json`` writes every result (the README's
+every kernel, every dtype, the largest shapes); the full run adds every fallback config and the
+whole matrix: ``BIOGEN_GPU_COMPILE_FULL=1 pytest tests/gpu_compile -m gpu_compile_full``.
+``BIOGEN_GPU_COMPILE_REPORT=path.json`` writes every result (the README's
 table comes from it). Compiles are cached (``aot.CACHE``).
 """
 

@@ -42,7 +42,9 @@ class Arch:
         return self.capability == 0
 
     def __str__(self) -> str:
-        return "the Triton interpreter" if self.interpreter else f"sm_{self.capability} ({self.smem_per_block} B shared memory per block)"
+        if self.interpreter:
+            return "the Triton interpreter"
+        return f"sm_{self.capability} ({self.smem_per_block} B shared memory per block)"
 
 
 INTERPRETER = Arch(0, 1 << 30)

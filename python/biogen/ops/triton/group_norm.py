@@ -173,7 +173,8 @@ def forward(x, weight, bias, scale, shift, G, eps, act):
     with device_guard(x):
         launch(_fwd_kernel, (B * G,), (x, w, b, w if sc is None else sc, w if sh is None else sh, y, mean, rstd,
                                        C, S, G, C // G, sB, sC, sS, float(eps)),
-               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)), _plan(x, "fwd"))
+               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)),
+               _plan(x, "fwd"))
     return y, mean, rstd
 
 
@@ -192,5 +193,6 @@ def backward(grad_y, x, weight, bias, scale, shift, mean, rstd, G, act):
         launch(_bwd_kernel, (B * G,), (grad_y, x, w, b, w if sc is None else sc, w if sh is None else sh,
                                        mean.float().contiguous(), rstd.float().contiguous(), dx, sdz, sdzx,
                                        C, S, G, C // G, sB, sC, sS),
-               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)), _plan(x, "bwd"))
+               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)),
+               _plan(x, "bwd"))
     return (dx, *param_grads(sdz, sdzx, w, b, sc))

@@ -582,7 +582,8 @@ def _configs(kernel: str, dtype: torch.dtype, D: int, m: int, L: int, arch: Arch
     else:  # the backward kernels keep three float32 row tiles (x, dout, out) and a gradient tile live
         cands = ([(32, 64, 8 if D > 64 else 4, 1), (16, 64, 4, 1), (16, 32, 4, 1)] if wide
                  else [(16, 32, 4, 1), (16, 16, 4, 1)])
-    return list(dict.fromkeys(Config.of(w, st, BLOCK_L=min(bl, lmax), BLOCK_M=min(bm, fmax)) for bl, bm, w, st in cands))
+    return list(dict.fromkeys(Config.of(w, st, BLOCK_L=min(bl, lmax), BLOCK_M=min(bm, fmax))
+                              for bl, bm, w, st in cands))
 
 
 def _smem(kernel: str, dtype: torch.dtype, D: int):
