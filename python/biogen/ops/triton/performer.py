@@ -570,7 +570,9 @@ def _configs(kernel: str, dtype: torch.dtype, D: int, m: int, L: int, arch: Arch
             return [Config.of(1, 1, BLOCK_C=16, BLOCK_F=min(fmax, 64))]
         wide = dtype != torch.float32
         if wide:
-            cands = [(16, 64, 4), (16, 32, 4), (16, 16, 4)] if D <= 64 else [(16, 32, 4), (16, 16, 4)]
+            # float16 adds the operand scaling of _mma_scaled: at head_dim 128 it needs eight warps
+            cands = ([(16, 64, 4), (16, 32, 4), (16, 16, 4)] if D <= 64
+                     else [(16, 32, 8 if dtype == torch.float16 else 4), (16, 16, 4)])
         else:  # 3xTF32 holds every operand twice: eight warps share the register load
             cands = [(16, 32, 8), (16, 16, 8), (16, 16, 4)] if D <= 64 else [(16, 16, 8), (16, 16, 4)]
         return list(dict.fromkeys(Config.of(w, 1, BLOCK_C=c, BLOCK_F=min(f, fmax)) for c, f, w in cands))
