@@ -215,14 +215,14 @@ def test_matches_performer_pytorch_fast_attention(causal, kernel, backend):
 # ------------------------------------------------------------------ causal: chunk boundaries
 
 
-def _check_fwd_bwd(backend, q, k, v, w, pad, kernel, tol=5e-5):
+def _check_fwd_bwd(backend, q, k, v, w, pad, kernel, tol=5e-5, causal=True):
     """Forward and q, k, v gradients of one backend against autograd through the float64 reference."""
     args = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = performer_attention(*args, w, key_padding_mask=pad, causal=True, kernel=kernel, backend=backend)
+    out = performer_attention(*args, w, key_padding_mask=pad, causal=causal, kernel=kernel, backend=backend)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(out, args, gout.to(out))
     ref_args = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
-    ref, _ = performer_attention_ref(*ref_args, w.double().cpu(), None if pad is None else pad.cpu(), True, kernel)
+    ref, _ = performer_attention_ref(*ref_args, w.double().cpu(), None if pad is None else pad.cpu(), causal, kernel)
     ref_grads = torch.autograd.grad(ref, ref_args, gout)
     assert max_err(out, ref) < tol, "out"
     for name, g_, r in zip("qkv", grads, ref_grads):
@@ -266,6 +266,21 @@ def test_triton_causal_tiny_matches_reference(L, kernel):
     dev = require(OP, "triton", dtype=torch.float32, head_dim=20, causal=True, nb_features=24)
     q, k, v, w, pad = make_inputs(2, 2, L, 20, 24, device=dev)
     _check_fwd_bwd("triton", q, k, v, w, pad, kernel)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_several_feature_blocks_match_reference(causal, kernel):
+    """m = 70 spans two feature blocks of 64 (the interpreter's plan) and a third partial one of the
+    C/z buffers: the causal kernels' per-block partial numerators, denominators and gradients must add
+    up to the reference, with the query stabiliser taken over all blocks."""
+    dev = require(OP, "triton", dtype=torch.float32, head_dim=16, causal=causal, nb_features=70)
+    from biogen.ops.triton import performer as tp
+
+    cfg = tp.plans(torch.float32, 16, 70, causal, tp.arch_of(dev), 33)["causal_fwd" if causal else "key_state"]
+    assert 70 > cfg.require()["BLOCK_F" if causal else "BLOCK_M"]  # several blocks really run
+    q, k, v, w, pad = make_inputs(2, 2, 33, 16, 70, device=dev)
+    _check_fwd_bwd("triton", q, k, v, w, pad, kernel, causal=causal)
 
 
 def test_causal_is_causal_on_every_backend():

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..group_norm import ACTS, channels_last_layout, empty_in_layout, layout_strides, param_grads, to_layout
+from ._common import REDUCTION_SMEM, Config, arch_of, device_guard, launch, plan
 
 BLOCK = 256
 
@@ -154,6 +155,11 @@ def _block(S: int) -> int:
     return max(16, min(BLOCK, triton.next_power_of_2(S)))
 
 
+def _plan(x, name):
+    # memory-bound, no tl.dot: one config, no shared memory beyond the reductions' scratch
+    return plan(f"group_norm {name}", arch_of(x.device), [Config.of(4, 1)], lambda c: REDUCTION_SMEM)
+
+
 def forward(x, weight, bias, scale, shift, G, eps, act):
     cl = channels_last_layout(x)
     x = to_layout(x, cl)
@@ -164,9 +170,11 @@ def forward(x, weight, bias, scale, shift, G, eps, act):
     mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     w, b, sc, sh = _f32(weight), _f32(bias), _f32(scale), _f32(shift)
-    _fwd_kernel[(B * G,)](x, w, b, w if sc is None else sc, w if sh is None else sh, y, mean, rstd,
-                          C, S, G, C // G, sB, sC, sS, float(eps),
-                          HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S))
+    with device_guard(x):
+        launch(_fwd_kernel, (B * G,), (x, w, b, w if sc is None else sc, w if sh is None else sh, y, mean, rstd,
+                                       C, S, G, C // G, sB, sC, sS, float(eps)),
+               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)),
+               _plan(x, "fwd"))
     return y, mean, rstd
 
 
@@ -181,8 +189,10 @@ def backward(grad_y, x, weight, bias, scale, shift, mean, rstd, G, act):
     sdz = torch.empty((B, C), dtype=torch.float32, device=x.device)
     sdzx = torch.empty_like(sdz)
     w, b, sc, sh = _f32(weight), _f32(bias), _f32(scale), _f32(shift)
-    _bwd_kernel[(B * G,)](grad_y, x, w, b, w if sc is None else sc, w if sh is None else sh,
-                          mean.float().contiguous(), rstd.float().contiguous(), dx, sdz, sdzx,
-                          C, S, G, C // G, sB, sC, sS,
-                          HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S))
+    with device_guard(x):
+        launch(_bwd_kernel, (B * G,), (grad_y, x, w, b, w if sc is None else sc, w if sh is None else sh,
+                                       mean.float().contiguous(), rstd.float().contiguous(), dx, sdz, sdzx,
+                                       C, S, G, C // G, sB, sC, sS),
+               dict(HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, ACT=ACTS[act], BLOCK=_block(S)),
+               _plan(x, "bwd"))
     return (dx, *param_grads(sdz, sdzx, w, b, sc))

@@ -20,7 +20,6 @@ gradient from its own query only, so no other program touches those rows).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -28,33 +27,26 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .._runtime import triton_interpret
+from ._common import (
+    REDUCTION_SMEM, Arch, Config, KernelPlan, arch_of, device_guard,
+    dot_precision, input_reasons, launch, mma, operand_dtype, plan,
+)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    # PREC "f32" is the interpreter's bfloat16 path: its numpy tl.dot mis-reads bfloat16 operands,
-    # so they are widened first (after any rounding to bfloat16, so the maths matches the GPU's).
-    if PREC == "f32":
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PREC)
-    return c
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, QIDX, QCNT, KIDX, KCNT, UNK,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    H, L, D, scale,
+    H, L, D, NT, scale,
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    HAS_UNKNOWN: tl.constexpr, PREC: tl.constexpr,
+    HAS_UNKNOWN: tl.constexpr, PREC: tl.constexpr, OPDT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # (batch*head) x tiles on grid x: no 65,535 limit
+    bh = pid // NT
+    pid_m = (pid % NT).to(tl.int32)
     b = bh // H
     h = bh % H
     qcnt = tl.load(QCNT + b)
@@ -82,14 +74,14 @@ def _fwd_kernel(
             kv_mask = ncol[:, None] & dmask[None, :]
             k = tl.load(kbase + kj[:, None] * skl + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(vbase + kj[:, None] * svl + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = _mm(q, tl.trans(k), PREC) * scale
+            s = mma(q, tl.trans(k), PREC, OPDT) * scale
             s = tl.where(ncol[None, :], s, float("-inf"))
             # at least one column is in range, so m_new is finite
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PREC, OPDT)
             m_i = m_new
 
         if HAS_UNKNOWN:
@@ -120,12 +112,13 @@ def _fwd_kernel(
 def _bwd_delta_kernel(
     O, DO, DELTA, QIDX, QCNT,
     sob, soh, sol, sod, sgb, sgh, sgl, sgd,
-    H, L, D,
+    H, L, D, NT,
     BM: tl.constexpr, DP: tl.constexpr,
 ):
     """Delta_i = rowsum(dO_i * O_i) for the valid queries."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # (batch*head) x tiles on grid x: no 65,535 limit
+    bh = pid // NT
+    pid_m = (pid % NT).to(tl.int32)
     b = bh // H
     h = bh % H
     qcnt = tl.load(QCNT + b)
@@ -146,12 +139,13 @@ def _bwd_delta_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, QCNT, KIDX, KCNT,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sgb, sgh, sgl, sgd,
-    H, L, D, scale,
-    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+    H, L, D, NT, scale,
+    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr, OPDT: tl.constexpr,
 ):
     """dK, dV of the known keys: one program per tile of the compacted known keys."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // NT
+    pid_n = (pid % NT).to(tl.int32)
     b = bh // H
     h = bh % H
     kcnt = tl.load(KCNT + b)
@@ -179,12 +173,12 @@ def _bwd_dkdv_kernel(
             do = tl.load(gbase + qi[:, None] * sgl + offs_d[None, :] * sgd, mask=q_mask, other=0.0)
             lse = tl.load(LSE + bh * L + qi, mask=mrow, other=0.0)
             delta = tl.load(DELTA + bh * L + qi, mask=mrow, other=0.0)
-            s = _mm(q, tl.trans(k), PREC) * scale
+            s = mma(q, tl.trans(k), PREC, OPDT) * scale
             p = tl.where(mrow[:, None] & ncol[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, PREC)
-            dp = _mm(do, tl.trans(v), PREC)
+            dv += mma(tl.trans(p.to(do.dtype)), do, PREC, OPDT)
+            dp = mma(do, tl.trans(v), PREC, OPDT)
             ds = p * (dp - delta[:, None])
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, PREC)
+            dk += mma(tl.trans(ds.to(q.dtype)), q, PREC, OPDT)
         row = bh * L + kj
         ptrs = row[:, None] * D + offs_d[None, :]
         tl.store(DK + ptrs, dk * scale, mask=kv_mask)
@@ -195,13 +189,14 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, QCNT, KIDX, KCNT, UNK,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sgb, sgh, sgl, sgd,
-    H, L, D, scale,
+    H, L, D, NT, scale,
     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    HAS_UNKNOWN: tl.constexpr, PREC: tl.constexpr,
+    HAS_UNKNOWN: tl.constexpr, PREC: tl.constexpr, OPDT: tl.constexpr,
 ):
     """dQ of the valid queries, plus dK/dV of unknown tokens (their only score is the self term)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # (batch*head) x tiles on grid x: no 65,535 limit
+    bh = pid // NT
+    pid_m = (pid % NT).to(tl.int32)
     b = bh // H
     h = bh % H
     qcnt = tl.load(QCNT + b)
@@ -228,11 +223,11 @@ def _bwd_dq_kernel(
             kv_mask = ncol[:, None] & dmask[None, :]
             k = tl.load(kbase + kj[:, None] * skl + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(vbase + kj[:, None] * svl + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = _mm(q, tl.trans(k), PREC) * scale
+            s = mma(q, tl.trans(k), PREC, OPDT) * scale
             p = tl.where(mrow[:, None] & ncol[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = _mm(do, tl.trans(v), PREC)
+            dp = mma(do, tl.trans(v), PREC, OPDT)
             ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(k.dtype), k, PREC)
+            dq += mma(ds.to(k.dtype), k, PREC, OPDT)
         row = bh * L + qi
         ptrs = row[:, None] * D + offs_d[None, :]
         if HAS_UNKNOWN:
@@ -279,53 +274,94 @@ def _plan(q: torch.Tensor, kpm: Optional[torch.Tensor], known: Optional[torch.Te
     return qidx, qcnt, kidx, kcnt, unk
 
 
-def _configs(dp: int, backward: bool) -> list[tuple[int, int, int, int]]:
-    """(query tile, key tile, warps, stages), preferred first; smaller ones are the fallback when a
-    GPU has too little shared memory. The interpreter runs numpy per tile: smallest legal tiles."""
-    if triton_interpret():
-        return [(16, 16, 1, 1)]
-    if backward:
-        big = [(64, 64, 4, 2)] if dp <= 64 else [(32, 32, 4, 2)]
-    else:
-        big = [(64, 64, 4, 3)] if dp <= 64 else [(64, 32, 4, 3)]
-    return big + [(32, 32, 4, 1), (16, 16, 4, 1)]
+
+
+def _configs(kernel: str, dtype: torch.dtype, dp: int, arch: Arch) -> list[Config]:
+    """Candidate (query tile BM, key tile BN, warps, stages), preferred first; the later ones are
+    the fallback for GPUs with less shared memory. float32 tiles are smaller: a float32 tile holds
+    twice the registers and 3xTF32 splits every operand in two (larger float32 tiles spill)."""
+    if arch.interpreter:  # numpy per tile: the smallest legal tiles are the fastest
+        return [Config.of(1, 1, BM=16, BN=16)]
+    # Measured with tests/gpu_compile (sm_80 and sm_90): the first config of each row spills at
+    # most a few bytes; (BM, BN, warps, stages) per (kernel, 16-bit?, head_dim <= 64?).
+    best = {
+        ("fwd", True, True): (64, 64, 4, 3), ("fwd", True, False): (64, 64, 8, 2),
+        ("dkdv", True, True): (64, 64, 8, 2), ("dkdv", True, False): (32, 64, 8, 2),
+        ("dq", True, True): (64, 64, 8, 2), ("dq", True, False): (64, 32, 8, 2),
+        ("fwd", False, True): (32, 32, 4, 2), ("fwd", False, False): (16, 32, 4, 2),
+        ("dkdv", False, True): (32, 32, 8, 1), ("dkdv", False, False): (32, 16, 8, 1),
+        ("dq", False, True): (16, 32, 8, 1), ("dq", False, False): (16, 32, 8, 1),
+    }[kernel, dtype != torch.float32, dp <= 64]
+    big = [Config.of(best[2], best[3], BM=best[0], BN=best[1])]
+    # float32 at 32 x 32 spills heavily at head_dim 128 (3xTF32 holds every operand twice)
+    small = [Config.of(4, 1, BM=32, BN=32)] if dtype != torch.float32 else []
+    return big + [c for c in small + [Config.of(4, 1, BM=16, BN=16)] if c != big[0]]
+
+
+def _smem(kernel: str, dtype: torch.dtype, dp: int):
+    """Estimated shared memory of a config: every tl.dot operand tile (streamed ones once per
+    pipeline stage), twice over for float32 (3xTF32 keeps a high and a low part). An upper bound of
+    what Triton allocates, checked against the compiled kernels in tests/gpu_compile."""
+    e = 2 if dtype != torch.float32 else 8
+
+    def est(c: Config) -> int:
+        bm, bn, st = c["BM"], c["BN"], max(1, c.num_stages)
+        # (rows, cols, streamed) of each dot operand
+        ops = {"fwd": [(bm, dp, 0), (bn, dp, 1), (bm, bn, 0), (bn, dp, 1)],
+               "dkdv": [(bm, dp, 1), (bn, dp, 0), (bn, bm, 0), (bm, dp, 1)] * 2,
+               "dq": [(bm, dp, 0), (bn, dp, 1), (bm, dp, 0), (bn, dp, 1), (bm, bn, 0), (bn, dp, 1)]}[kernel]
+        return e * sum(r * c_ * (st if streamed else 1) for r, c_, streamed in ops)
+
+    return est
+
+
+def plans(dtype: torch.dtype, head_dim: int, arch: Arch) -> dict[str, KernelPlan]:
+    """The plan of each kernel (forward, dK/dV, dQ) for inputs of ``dtype`` and ``head_dim``."""
+    dp = _head_pad(head_dim)
+    return {k: plan(f"masked_attention {k}", arch, _configs(k, dtype, dp, arch), _smem(k, dtype, dp))
+            for k in ("fwd", "dkdv", "dq")}
+
+
+def unsupported_reasons(*, dtype: torch.dtype = torch.float32, head_dim: int = 64, device=None, **_) -> list[str]:
+    """Why the Triton kernels cannot run these inputs on ``device`` (an empty list: they can).
+    ``device``: a torch device, a compute capability or an :class:`Arch`."""
+    r = input_reasons(dtype, head_dim)
+    if r:
+        return r
+    return [p.reason() for p in plans(dtype, head_dim, arch_of(device)).values() if p.reason()]
 
 
 _CHOSEN: dict = {}
 
 
-def _launch(name: str, dp: int, t: torch.Tensor, backward: bool, run) -> None:
-    """Calls ``run(BM, BN, warps, stages)`` with the first config t's GPU can hold, remembered."""
-    key = (name, dp, t.dtype, t.device)
+def _launch(kernel, grid, args, consts, kplan: KernelPlan, device) -> None:
+    # grid and args are functions of the config (the tile count depends on it)
+    """Launch with the first fitting config; if the GPU still refuses it (the estimate was short),
+    the next one. The config that ran is remembered per (kernel, constants, device)."""
+    key = (kplan.kernel, kplan.arch, tuple(sorted(consts.items())), device)
     if key in _CHOSEN:
-        run(*_CHOSEN[key])
+        launch(kernel, grid(_CHOSEN[key]), args(_CHOSEN[key]), consts, kplan, _CHOSEN[key])
         return
-    configs = _configs(dp, backward)
-    for i, cfg in enumerate(configs):
+    fitting = kplan.fitting
+    if not fitting:
+        raise RuntimeError(kplan.reason())
+    for i, cfg in enumerate(fitting):
         try:
-            run(*cfg)
+            launch(kernel, grid(cfg), args(cfg), consts, kplan, cfg)
         except OutOfResources:
-            if i == len(configs) - 1:
+            if i == len(fitting) - 1:
                 raise
             continue
         _CHOSEN[key] = cfg
         return
 
 
-def _device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _head_pad(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _prec(dtype: torch.dtype) -> str:
-    # float32 inputs must not be rounded to TF32 in tl.dot: the op promises float32 accuracy.
-    if dtype == torch.bfloat16 and triton_interpret():
-        return "f32"
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _consts(q: torch.Tensor, arch: Arch, dp: int) -> dict:
+    return dict(DP=dp, PREC=dot_precision(q.dtype, arch), OPDT=operand_dtype(q.dtype))
 
 
 def forward(q, k, v, key_padding_mask, known, scale):
@@ -335,17 +371,14 @@ def forward(q, k, v, key_padding_mask, known, scale):
     out = torch.zeros((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
     DP = _head_pad(D)
-
-    def run(BM, BN, warps, stages):
-        _fwd_kernel[(triton.cdiv(L, BM), B * H)](
-            q, k, v, out, lse, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
-            *q.stride(), *k.stride(), *v.stride(), H, L, D, float(scale),
-            BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=_prec(q.dtype),
-            num_warps=warps, num_stages=stages,
-        )
-
-    with _device_of(q):
-        _launch("fwd", DP, q, False, run)
+    arch = arch_of(q.device)
+    p = plans(q.dtype, D, arch)["fwd"]
+    consts = dict(_consts(q, arch, DP), HAS_UNKNOWN=unk is not None)
+    with device_guard(q):
+        _launch(_fwd_kernel, lambda c: (B * H * triton.cdiv(L, c["BM"]),),
+                lambda c: (q, k, v, out, lse, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
+                           *q.stride(), *k.stride(), *v.stride(), H, L, D, triton.cdiv(L, c["BM"]), float(scale)),
+                consts, p, q.device)
     return out, lse
 
 
@@ -355,36 +388,28 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, known, scale):
     qidx, qcnt, kidx, kcnt, unk = _plan(q, key_padding_mask, known)
     lse = lse.contiguous()
     DP = _head_pad(D)
+    arch = arch_of(q.device)
+    ps = plans(q.dtype, D, arch)
     delta = torch.zeros((B, H, L), dtype=torch.float32, device=q.device)
-    BMD = 16 if triton_interpret() else 64
-    with _device_of(q):
-        _bwd_delta_kernel[(triton.cdiv(L, BMD), B * H)](
-            out, grad_out, delta, qidx, qcnt, *out.stride(), *grad_out.stride(), H, L, D,
-            BM=BMD, DP=DP, num_warps=1 if triton_interpret() else 4,
-        )
+    dplan = plan("masked_attention delta", arch,
+                 [Config.of(1, 1, BM=16)] if arch.interpreter else [Config.of(4, 1, BM=64)], lambda c: REDUCTION_SMEM)
+    nt = triton.cdiv(L, dplan.require()["BM"])
     # Rows nobody writes (padding) stay zero.
     dq = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
     dk = torch.zeros_like(dq)
     dv = torch.zeros_like(dq)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    prec = _prec(q.dtype)
-
-    def run_dkdv(BM, BN, warps, stages):
-        _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](
-            q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, kidx, kcnt,
-            *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, PREC=prec,
-            num_warps=warps, num_stages=stages,
-        )
-
-    def run_dq(BM, BN, warps, stages):
-        _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, qidx, qcnt, kidx, kcnt, qcnt if unk is None else unk,
-            *strides, H, L, D, float(scale), BM=BM, BN=BN, DP=DP, HAS_UNKNOWN=unk is not None, PREC=prec,
-            num_warps=warps, num_stages=stages,
-        )
-
-    # dk/dv rows of known keys come from the dK/dV kernel, those of unknown keys from the dQ kernel.
-    with _device_of(q):
-        _launch("dkdv", DP, q, True, run_dkdv)
-        _launch("dq", DP, q, True, run_dq)
+    consts = _consts(q, arch, DP)
+    with device_guard(q):
+        launch(_bwd_delta_kernel, (B * H * nt,),
+               (out, grad_out, delta, qidx, qcnt, *out.stride(), *grad_out.stride(), H, L, D, nt), dict(DP=DP), dplan)
+        # dk/dv rows of known keys come from the dK/dV kernel, those of unknown keys from the dQ kernel.
+        _launch(_bwd_dkdv_kernel, lambda c: (B * H * triton.cdiv(L, c["BN"]),),
+                lambda c: (q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, kidx, kcnt,
+                           *strides, H, L, D, triton.cdiv(L, c["BN"]), float(scale)),
+                consts, ps["dkdv"], q.device)
+        _launch(_bwd_dq_kernel, lambda c: (B * H * triton.cdiv(L, c["BM"]),),
+                lambda c: (q, k, v, grad_out, lse, delta, dq, dk, dv, qidx, qcnt, kidx, kcnt,
+                           qcnt if unk is None else unk, *strides, H, L, D, triton.cdiv(L, c["BM"]), float(scale)),
+                dict(consts, HAS_UNKNOWN=unk is not None), ps["dq"], q.device)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..sampler import PREDICTION_TYPES
+from ._common import REDUCTION_SMEM, Config, arch_of, device_guard, launch, plan
 
 BLOCK = 1024
 
@@ -23,8 +24,11 @@ def _kernel(x_ptr, m_ptr, mu_ptr, px0_ptr, nz_ptr, prev_ptr, x0_ptr, x0f_ptr, th
             HAS_PX0: tl.constexpr, HAS_NOISE: tl.constexpr, MODE: tl.constexpr, CLIPPED_EPS: tl.constexpr,
             BLOCK: tl.constexpr):
     # MODE 0: whole step; 1: write the unclipped x0 (float32) only; 2: finish from it with th[b]
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # (sample, block) flattened onto grid x: the block count can pass grid y's 65,535
+    pid = tl.program_id(0).to(tl.int64)
+    nb = tl.cdiv(N, BLOCK)
+    b = pid // nb
+    offs = (pid % nb) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < N
     idx = b.to(tl.int64) * N + offs
     a = tl.load(a_ptr + b)
@@ -89,18 +93,20 @@ def sampler_step(sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_eps, 
     dummy = coefs[0]
     p = lambda t: dummy if t is None else t  # noqa: E731
     block = max(16, min(BLOCK, triton.next_power_of_2(N)))
-    grid = (B, triton.cdiv(N, block))
+    grid = (B * triton.cdiv(N, block),)
+    kplan = plan("sampler_step", arch_of(x.device), [Config.of(4, 1)], lambda c: REDUCTION_SMEM)
     flags = dict(PRED=PREDICTION_TYPES[prediction_type], HAS_UNCOND=mu is not None,
                  CLIP=clip_sample is not None and dynamic_threshold is None, HAS_EPS=coefs[4] is not None,
                  HAS_PX0=px0 is not None, HAS_NOISE=nz is not None, CLIPPED_EPS=bool(use_clipped_model_output),
                  BLOCK=block)
     args = [x, m, p(mu), p(px0), p(nz), prev, x0]
     tail = [*(p(t) for t in coefs), N, float(guidance_scale), 0.0 if clip_sample is None else float(clip_sample)]
-    if dynamic_threshold is None:
-        _kernel[grid](*args, dummy, dummy, *tail, MODE=0, **flags)
-        return prev, x0
-    x0f = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    _kernel[grid](*args, x0f, dummy, *tail, MODE=1, **flags)
-    th = torch.quantile(x0f.abs(), float(dynamic_threshold), dim=1).clamp(min=1.0, max=float(sample_max_value))
-    _kernel[grid](*args, x0f, th.contiguous(), *tail, MODE=2, **flags)
+    with device_guard(x):
+        if dynamic_threshold is None:
+            launch(_kernel, grid, (*args, dummy, dummy, *tail), dict(MODE=0, **flags), kplan)
+            return prev, x0
+        x0f = torch.empty((B, N), dtype=torch.float32, device=x.device)
+        launch(_kernel, grid, (*args, x0f, dummy, *tail), dict(MODE=1, **flags), kplan)
+        th = torch.quantile(x0f.abs(), float(dynamic_threshold), dim=1).clamp(min=1.0, max=float(sample_max_value))
+        launch(_kernel, grid, (*args, x0f, th.contiguous(), *tail), dict(MODE=2, **flags), kplan)
     return prev, x0
