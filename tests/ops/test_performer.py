@@ -10,7 +10,7 @@ import torch
 
 from biogen.nn import PerformerAttention
 from biogen.ops import BackendUnavailableError, gaussian_orthogonal_random_matrix, performer_attention
-from biogen.ops.performer import OP, TRITON_CAUSAL_MAX_FEATURES, _bwd_op, _fwd_op
+from biogen.ops.performer import OP, _bwd_op, _fwd_op
 from biogen.ops.reference import performer_attention_ref
 
 from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, require, run_with_cpu_capability
@@ -490,15 +490,11 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
         performer_attention(q, k, v, w, backend="cuda")
 
 
-def test_triton_causal_feature_limit_is_refused_with_the_reason():
+def test_triton_causal_takes_any_number_of_features():
+    # The causal Triton kernels keep one feature block's state per program: no feature limit.
     if "triton" not in OP.reasons:
         pytest.skip("triton not installed")
-    q, k, v, _, _ = make_inputs(1, 1, 5, 16, 9)
-    w = torch.randn(TRITON_CAUSAL_MAX_FEATURES + 1, 16)
-    with pytest.raises(BackendUnavailableError, match=r"triton: supports causal=True with at most 256 random"):
-        performer_attention(q, k, v, w, causal=True, backend="triton")
-    assert not OP.not_supported_reasons("triton", torch.device("cpu"), dtype=torch.float32, head_dim=16, causal=True,
-                                        nb_features=TRITON_CAUSAL_MAX_FEATURES)
+    assert not OP.reasons["triton"](dtype=torch.float32, head_dim=16, causal=True, nb_features=1024)
 
 
 def test_cuda_causal_feature_limit_reason():

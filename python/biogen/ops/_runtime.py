@@ -51,6 +51,21 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     _C_ERROR = f"compiled extension biogen._C failed to import: {exc}"
 
 
+# What the native attention kernels (CPU, CUDA and Triton) take: the torch reference also takes float64.
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+
+def dtype_head_dim_reasons(dtype: torch.dtype = torch.float32, head_dim: int = 64, **_) -> list[str]:
+    """Why an attention kernel cannot take ``dtype`` / ``head_dim`` at all, whatever the device."""
+    r = []
+    if dtype not in KERNEL_FLOATS:
+        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
+    return r
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run these inputs."""
 

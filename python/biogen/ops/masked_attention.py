@@ -15,31 +15,27 @@ import torch
 from . import reference
 from ._runtime import (
     DTYPE_CODES,
+    KERNEL_FLOATS,
+    MAX_HEAD_DIM,
     KernelOp,
     _C,
     check_tensor,
     cuda_stream,
+    dtype_head_dim_reasons,
     has_triton_kernel,
     num_threads,
     on_device,
     triton_kernel,
 )
 
-MAX_HEAD_DIM = 128
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = KERNEL_FLOATS
 
 # On a GPU the tensor-core path first: the Triton kernel runs QK^T and PV as tl.dot (bf16/fp16 on
 # tensor cores, fp32 accumulation); the CUDA kernel is SIMT fp32, kept as the fallback.
 OP = KernelOp("masked_gene_attention", gpu_order=("triton", "cuda", "torch"), triton_module="masked_attention")
 
 
-def _reasons_dtype_dim(dtype: torch.dtype, head_dim: int, **_) -> list[str]:
-    r = []
-    if dtype not in _FLOATS:
-        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
-    return r
+_reasons_dtype_dim = dtype_head_dim_reasons
 
 
 OP.reasons["torch"] = lambda **_: []  # float64 too: gradcheck runs on the reference backend

@@ -25,46 +25,29 @@ import torch
 from . import reference
 from ._runtime import (
     DTYPE_CODES,
+    KERNEL_FLOATS,
+    MAX_HEAD_DIM,
     KernelOp,
     _C,
     check_tensor,
     cuda_stream,
+    dtype_head_dim_reasons,
     has_triton_kernel,
     num_threads,
     on_device,
     triton_kernel,
 )
 
-MAX_HEAD_DIM = 128
 KERNELS = ("softmax", "relu")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = KERNEL_FLOATS
 
 # On a GPU the tensor-core path first (Triton tl.dot for the feature maps and the state / query
 # products); the CUDA kernels are SIMT fp32, kept as the fallback.
 OP = KernelOp("performer_attention", gpu_order=("triton", "cuda", "torch"), triton_module="performer")
 
 
-def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, **_) -> list[str]:
-    r = []
-    if dtype not in _FLOATS:
-        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
-    return r
+_reasons_dtype_dim = dtype_head_dim_reasons
 
-
-# The Triton causal sweep keeps its prefix state (nb_features x head_dim, float32) in one program's
-# registers: past this it would spill or run out of shared memory.
-TRITON_CAUSAL_MAX_FEATURES = 256
-
-
-def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False,
-                    nb_features: int = 0, **_) -> list[str]:
-    r = _reasons_dtype_dim(dtype, head_dim)
-    if causal and nb_features > TRITON_CAUSAL_MAX_FEATURES:
-        r.append(f"supports causal=True with at most {TRITON_CAUSAL_MAX_FEATURES} random features "
-                 f"(nb_features={nb_features})")
-    return r
 
 
 # The CUDA causal kernel keeps one chunk's inputs and features (6 D + 4 m + 6 floats a row, at least
@@ -140,7 +123,7 @@ def gaussian_orthogonal_random_matrix(
 
 
 if has_triton_kernel("performer"):
-    OP.reasons["triton"] = _reasons_triton
+    OP.reasons["triton"] = _reasons_dtype_dim  # per-call limits: triton/performer.py unsupported_reasons
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

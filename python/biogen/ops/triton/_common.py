@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import KERNEL_FLOATS as FLOATS, MAX_HEAD_DIM, dtype_head_dim_reasons
+
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability.
 SMEM_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
                   100: 232448, 103: 232448, 120: 101376}
@@ -77,18 +79,7 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 128
-
-
-def input_reasons(dtype: torch.dtype, head_dim: int) -> list[str]:
-    """What the attention kernels cannot take at all, whatever the GPU."""
-    r = []
-    if dtype not in FLOATS:
-        r.append(f"supports float32, float16 and bfloat16, not {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        r.append(f"supports head dimension at most {MAX_HEAD_DIM}")
-    return r
+input_reasons = dtype_head_dim_reasons  # what the attention kernels cannot take at all, whatever the GPU
 
 
 # ----------------------------------------------------------------------------- matmul precision
