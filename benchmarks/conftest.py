@@ -7,6 +7,7 @@ The API (one call per comparison)::
     def test_something(benchmark):
         res = compare(benchmark, {"torch": baseline_fn, "biogen": our_fn}, ours="biogen")
         res.ratio("torch")        # the baseline's median time over ours (ratio of medians)
+        res.record(benchmark, "torch", "biogen-bf16")  # any other pair, spread included
 
 ``compare(benchmark, sides, ours=..., rounds=..., min_round_s=..., warmup=..., memory=...)``:
 
@@ -153,6 +154,21 @@ class Comparison:
     def round_ratios(self, base: str, ours: Optional[str] = None) -> list[float]:
         return [b / o for b, o in zip(self.wall[base], self.wall[ours or self.ours])]
 
+    def record(self, benchmark, base: str, ours: Optional[str] = None) -> None:
+        """Write ``<ours>``'s ratio to ``base`` with its spread into ``benchmark.extra_info`` and print
+        it; the key prefix is ``speedup_vs_<base>`` for the main side, ``<ours>_speedup_vs_<base>``
+        for any other pair."""
+        o = ours or self.ours
+        key = f"speedup_vs_{base}" if o == self.ours else f"{o}_speedup_vs_{base}"
+        rr = self.round_ratios(base, o)
+        info = benchmark.extra_info
+        info[key] = self.ratio(base, o)
+        info[f"{key}_range"] = [round(min(rr), 3), round(max(rr), 3)]
+        info[f"{key}_iqr"] = [round(_quantile(rr, .25), 3), round(_quantile(rr, .75), 3)]
+        cpu_key = key.replace("speedup_vs_", "cpu_time_ratio_vs_")
+        info[cpu_key] = statistics.median(self.cpu[base]) / statistics.median(self.cpu[o])
+        print(f"\n[{benchmark.group or benchmark.name}] {self.summary(base, o)}", flush=True)
+
     def summary(self, base: str, ours: Optional[str] = None) -> str:
         r = self.round_ratios(base, ours)
         return (f"{ours or self.ours} vs {base}: {self.ratio(base, ours):.2f}x (rounds {min(r):.2f}-{max(r):.2f}, "
@@ -203,14 +219,8 @@ def compare(benchmark, sides: dict[str, Callable[[], object]], *, ours: str = "b
         if name in res.peak_mib:
             info[f"{name}_peak_mib"] = round(res.peak_mib[name], 1)
     for base in sides:
-        if base == ours:
-            continue
-        rr = res.round_ratios(base)
-        info[f"speedup_vs_{base}"] = res.ratio(base)
-        info[f"speedup_vs_{base}_range"] = [round(min(rr), 3), round(max(rr), 3)]
-        info[f"speedup_vs_{base}_iqr"] = [round(_quantile(rr, .25), 3), round(_quantile(rr, .75), 3)]
-        info[f"cpu_time_ratio_vs_{base}"] = statistics.median(res.cpu[base]) / statistics.median(res.cpu[ours])
-        print(f"\n[{benchmark.group or benchmark.name}] {res.summary(base)}", flush=True)
+        if base != ours:
+            res.record(benchmark, base)
     _record(benchmark, calls[ours], [t * calls[ours] for t in res.wall[ours]])
     return res
 
