@@ -53,7 +53,7 @@ import torch
 
 from bench_performer import _PeakMemory  # same sampler as the kernel benchmark
 from conftest import compare
-from biogen.models.scbert_module import ScBERTConfig, ScBERTModel
+from biogen.models.scbert.network import ScBERTConfig, ScBERTModel
 from biogen.ops import use_backend
 
 CFG = ScBERTConfig.preset("paper")

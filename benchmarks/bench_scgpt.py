@@ -38,7 +38,7 @@ from torch import nn
 
 import biogen.ops
 from bench_masked_attention import dense_mask
-from biogen.models.scgpt_module import ScGPTConfig, ScGPTModel
+from biogen.models.scgpt.network import ScGPTConfig, ScGPTModel
 from conftest import compare
 
 BATCH, MAX_LEN, N_TOKENS = 8, 1200, 30000
