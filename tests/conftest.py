@@ -29,6 +29,7 @@ _MACHINE_ONLY = [re.compile(p) for p in (
     r"Triton runs on the CPU only with TRITON_INTERPRET=1",
     r"triton does not support device \w+",
     r"biogen\._C was built without a CUDA compiler",
+    r"CUDA extension not built",
     r"\w+ has no cuda implementation",
     r"(needs|requires) (a GPU|CUDA|a CUDA device)",
     r"no CUDA device",
