@@ -12,9 +12,10 @@ The API (one call per comparison)::
 ``compare(benchmark, sides, ours=..., rounds=..., min_round_s=..., warmup=..., memory=...)``:
 
 - ``sides``: name -> zero-argument callable doing one call of that side (inputs bound beforehand);
-- warm-up: every side is called ``warmup`` times (>= 1) before anything is timed; the fastest
-  warm-up call calibrates how many calls make a round of at least ``min_round_s`` (default 50 ms,
-  env ``BIOGEN_BENCH_MIN_ROUND_S``): a sub-millisecond call timed alone measures the scheduler tick;
+- warm-up: every side is called ``warmup`` times (>= 1) before anything is timed; then batches of
+  1, 2, 4, ... calls calibrate how many calls make a round of at least ``min_round_s`` (default
+  50 ms, env ``BIOGEN_BENCH_MIN_ROUND_S``): a sub-millisecond call timed alone measures the
+  scheduler tick;
 - ``rounds`` (default 5, env ``BIOGEN_BENCH_ROUNDS``): in each round every side runs its calls back
   to back, in alternating order (A B C, then C B A), so that a burst of load from other jobs falls on
   every side instead of on one;
@@ -186,16 +187,24 @@ def compare(benchmark, sides: dict[str, Callable[[], object]], *, ours: str = "b
     rounds = ROUNDS if rounds is None else rounds
     min_round_s = MIN_ROUND_S if min_round_s is None else min_round_s
     load_before = os.getloadavg()[0]
-    fastest = {}
+    calls = {}
     for name, fn in sides.items():
-        ts = []
         for _ in range(max(1, warmup)):
-            t0 = time.perf_counter()
             fn()
+        _sync()
+        # calibration: batches of 1, 2, 4, ... calls until one lasts min_round_s (a single fast call
+        # is one scheduler tick of noise away from ten times its time on a loaded machine)
+        n = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
             _sync()
-            ts.append(time.perf_counter() - t0)
-        fastest[name] = min(ts)
-    calls = {n: max(1, math.ceil(min_round_s / max(t, 1e-9))) for n, t in fastest.items()}
+            t = time.perf_counter() - t0
+            if t >= min_round_s or n >= 1 << 20:
+                break
+            n *= 2
+        calls[name] = max(1, math.ceil(min_round_s * n / max(t, 1e-9)))
     res = Comparison(ours, calls, {n: [] for n in sides}, {n: [] for n in sides})
     if memory:
         res.peak_mib = {n: peak_memory_mib(fn, device) for n, fn in sides.items()}
