@@ -1,15 +1,17 @@
 """scGPT binning throughput: C++ kernel and vectorised numpy vs a per-cell numpy loop (scGPT style).
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_binning.py --benchmark-only
-      BIOGEN_BENCH_CELLS=1000000 ... for the full 1M x 2k target (the baseline loop then takes minutes).
+      BIOGEN_BENCH_CELLS=1000000 ... for the full 1M x 2k target (the baseline loop then takes minutes a round).
 
 Shape: cells x 2000 genes at 10% non-zero (~200 genes per cell), count-like float32 values, 51 bins
-(scGPT). Every test records cells/s, the baseline time measured in the same run, the speed-up, and the
-peak Python-side memory (tracemalloc) in ``extra_info``; results are checked equal to the baseline.
+(scGPT). The four sides (the per-cell loop, vectorised numpy, the C++ kernel on one thread and on all)
+run interleaved in the same rounds after a warm-up (``conftest.compare``); ``extra_info`` holds each
+one's cells/s, the C++ kernel's speed-up over the others, numpy's and the one-thread kernel's over
+the loop (ranges and IQR over the rounds), and the peak Python-side memory (tracemalloc). Every side's
+bins are first checked equal to the loop's.
 """
 
 import os
-import time
 import tracemalloc
 
 import numpy as np
@@ -17,11 +19,13 @@ import pytest
 import scipy.sparse as sp
 
 from biogen.sc.binning import bin_values, binning_uniforms
+from conftest import compare
 
 N_CELLS = int(os.environ.get("BIOGEN_BENCH_CELLS", "20000"))
 N_GENES = 2000
 DENSITY = 0.1
 N_BINS = 51
+ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "3"))
 
 
 def _have_cpu():
@@ -60,17 +64,6 @@ def per_cell_loop(X, n_bins=N_BINS, seed=0):
     return out
 
 
-@pytest.fixture(scope="module")
-def baseline(matrix):
-    # timed without tracemalloc (it slows Python-level loops several-fold); memory from a traced run on
-    # the first 2000 cells plus the full output array, which is what grows with the cell count
-    t0 = time.perf_counter()
-    out = per_cell_loop(matrix)
-    seconds = time.perf_counter() - t0
-    peak = _peak(lambda: per_cell_loop(matrix[:2000])) - 4 * matrix[:2000].nnz + 4 * matrix.nnz
-    return {"seconds": seconds, "out": out, "peak_bytes": peak}
-
-
 def _peak(fn):
     tracemalloc.start()
     fn()
@@ -79,42 +72,31 @@ def _peak(fn):
     return peak
 
 
-def _record(benchmark, baseline, result):
-    np.testing.assert_array_equal(result.data, baseline["out"])
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info.update({
-        "cells": N_CELLS, "genes": N_GENES, "density": DENSITY, "n_bins": N_BINS,
-        "cells_per_s": N_CELLS / mean,
-        "baseline_per_cell_loop_s": baseline["seconds"],
-        "baseline_cells_per_s": N_CELLS / baseline["seconds"],
-        "speedup_vs_per_cell_loop": baseline["seconds"] / mean,
-        "baseline_peak_python_mem_bytes": baseline["peak_bytes"],
-    })
-
-
-def test_bin_per_cell_loop(benchmark, matrix, baseline):
-    result = benchmark.pedantic(per_cell_loop, args=(matrix,), rounds=1, iterations=1)
-    np.testing.assert_array_equal(result, baseline["out"])
-    benchmark.extra_info.update({"cells": N_CELLS, "cells_per_s": N_CELLS / benchmark.stats.stats.mean,
-                                 "peak_python_mem_bytes_estimate": baseline["peak_bytes"]})
-
-
-def test_bin_numpy_vectorised(benchmark, matrix, baseline):
-    result = benchmark.pedantic(bin_values, args=(matrix, N_BINS), kwargs={"backend": "numpy"}, rounds=2,
-                                iterations=1)
-    _record(benchmark, baseline, result)
-    benchmark.extra_info["peak_python_mem_bytes"] = _peak(lambda: bin_values(matrix, N_BINS, backend="numpy"))
-
-
 @pytest.mark.skipif(not _have_cpu(), reason="biogen._C with bin_csr not built")
-@pytest.mark.parametrize("threads", ["1", "all"])
-def test_bin_cpp(benchmark, matrix, baseline, threads):
+def test_binning(benchmark, matrix):
     from biogen.ops._runtime import num_threads
 
-    nt = 1 if threads == "1" else num_threads()
-    result = benchmark.pedantic(bin_values, args=(matrix, N_BINS), kwargs={"backend": "cpu", "num_threads": nt},
-                                rounds=3, iterations=1)
-    _record(benchmark, baseline, result)
-    benchmark.extra_info["threads"] = nt
-    benchmark.extra_info["peak_python_mem_bytes"] = _peak(lambda: bin_values(matrix, N_BINS, backend="cpu",
-                                                                             num_threads=nt))
+    nt = num_threads()
+    sides = {
+        "per-cell-loop": lambda: per_cell_loop(matrix),
+        "numpy": lambda: bin_values(matrix, N_BINS, backend="numpy"),
+        "cpu-1-thread": lambda: bin_values(matrix, N_BINS, backend="cpu", num_threads=1),
+        "cpu": lambda: bin_values(matrix, N_BINS, backend="cpu", num_threads=nt),
+    }
+    expected = sides["per-cell-loop"]()
+    for name in ("numpy", "cpu-1-thread", "cpu"):  # every side computes scGPT's bins exactly
+        np.testing.assert_array_equal(sides[name]().data, expected, err_msg=name)
+    benchmark.group = f"binning {N_CELLS} cells x {N_GENES} genes"
+    res = compare(benchmark, sides, ours="cpu", rounds=ROUNDS)
+    for ours in ("numpy", "cpu-1-thread"):
+        res.record(benchmark, "per-cell-loop", ours)
+    info = benchmark.extra_info
+    info.update(cells=N_CELLS, genes=N_GENES, density=DENSITY, n_bins=N_BINS, cpu_threads=nt)
+    for name in sides:
+        info[f"{name}_cells_per_s"] = N_CELLS / res.median(name)
+    # tracemalloc slows Python-level loops several-fold: the loop's peak from its first 2000 cells plus
+    # the full output array, which is what grows with the cell count
+    sub = matrix[:2000]
+    info["per-cell-loop_peak_python_mem_bytes_estimate"] = _peak(lambda: per_cell_loop(sub)) - 4 * sub.nnz + 4 * matrix.nnz
+    for name in ("numpy", "cpu-1-thread", "cpu"):
+        info[f"{name}_peak_python_mem_bytes"] = _peak(sides[name])

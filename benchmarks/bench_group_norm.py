@@ -1,17 +1,14 @@
 """group_norm_silu (C++ CPU kernel) vs F.group_norm -> FiLM -> F.silu at diffusion UNet shapes.
 
 Run: PYTHONPATH=python python -m pytest benchmarks/bench_group_norm.py --benchmark-only
-     (add --benchmark-group-by=group to see each pair side by side).
-Each case times the fused op and the unfused PyTorch chain in the same run; the fused entry's
-extra_info holds ``speedup_vs_torch`` (baseline median / fused median; ``speedup_vs_torch_min`` the
-same with minima, steadier on a loaded machine), the peak memory the call
-allocates and the effective bandwidth (minimal bytes: read x, write y; backward also reads dy and
-x and writes dx).
+Each case times the fused op and the unfused PyTorch chain interleaved in the same rounds of >= 50 ms
+of calls (``conftest.compare``); extra_info holds ``speedup_vs_torch`` (ratio of medians) with its
+per-round ``_range`` and ``_iqr``, the peak memory each side allocates (torch profiler) and the
+fused op's effective bandwidth (minimal bytes: read x, write y; backward also reads dy and x and
+writes dx).
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 
 from biogen.ops import group_norm_silu
 from biogen.ops.group_norm import OP
+from conftest import compare
 
 # UNet blocks of a 64x64 diffusion model (RNA-CDM base stage): batch 8, 32 groups
 SHAPES = [(8, 128, 64, 64), (8, 256, 32, 32), (8, 128, 32, 32), (8, 256, 64, 64)]
@@ -67,51 +65,20 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def iterations_for(fn, target_s: float = 0.005) -> int:
-    """Calls per timed round so that a round lasts about ``target_s``: sub-millisecond calls timed
-    one at a time measure the scheduler more than the kernel."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
-
-
-def seconds(fn, iters: int, reps: int = 20) -> tuple[float, float]:
-    """(median, min) wall time per call of fn() over reps rounds of iters calls, after a warm-up."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        ts.append((time.perf_counter() - t0) / iters)
-    ts.sort()
-    return ts[len(ts) // 2], ts[0]
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["biogen", "torch"])
-def test_group_norm_silu(benchmark, shape, mode, impl):
+def test_group_norm_silu(benchmark, shape, mode):
     if "cpu" not in OP.reasons:
         pytest.skip("C++ kernel not built")
     args, gout = make(shape, mode != "fwd")
-    fn = fused if impl == "biogen" else unfused
-    run = lambda: step(fn, args, gout, mode)  # noqa: E731
+    with torch.no_grad():  # the two sides compute the same thing before either is timed
+        torch.testing.assert_close(fused(*args), unfused(*args), rtol=1e-4, atol=1e-4)
     benchmark.group = f"group_norm_silu {mode} {'x'.join(map(str, shape))}"
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.extra_info["peak_mem_bytes"] = peak_bytes(run)
-    iters = iterations_for(run)
-    benchmark.extra_info["iterations"] = iters
-    benchmark.pedantic(run, rounds=20, iterations=iters, warmup_rounds=1)
+    res = compare(benchmark, {"torch": lambda: step(unfused, args, gout, mode),
+                              "biogen": lambda: step(fused, args, gout, mode)}, ours="biogen")
     n = args[0].numel() * args[0].element_size()
     moved = 2 * n if mode == "fwd" else 5 * n
-    med = benchmark.stats.stats.median
-    benchmark.extra_info["gb_per_s"] = moved / med / 1e9
-    if impl == "biogen":
-        base_med, base_min = seconds(lambda: step(unfused, args, gout, mode), iters)
-        benchmark.extra_info["torch_median_s"] = base_med
-        benchmark.extra_info["speedup_vs_torch"] = base_med / med
-        # on a shared, loaded machine the minimum is the better estimate of the uncontended time
-        benchmark.extra_info["speedup_vs_torch_min"] = base_min / benchmark.stats.stats.min
-        benchmark.extra_info["torch_peak_mem_bytes"] = peak_bytes(lambda: step(unfused, args, gout, mode))
+    info = benchmark.extra_info
+    info["gb_per_s"] = moved / res.median("biogen") / 1e9
+    info["peak_mem_bytes"] = peak_bytes(lambda: step(fused, args, gout, mode))
+    info["torch_peak_mem_bytes"] = peak_bytes(lambda: step(unfused, args, gout, mode))

@@ -4,7 +4,8 @@ Run (``benchmarks/`` is outside the test paths)::
 
     PYTHONPATH=python python -m pytest benchmarks/bench_masked_attention.py --benchmark-only
 
-Variants, in one run, per shape and per mode (``fwd`` under ``torch.no_grad``; ``fwd+bwd``):
+Variants, timed interleaved in the same rounds (``conftest.compare``: rounds of >= 50 ms of calls,
+warm-up first), per shape and per mode (``fwd`` under ``torch.no_grad``; ``fwd+bwd``):
 
 - ``sdpa-dense-mask``: ``F.scaled_dot_product_attention`` with the equivalent (B, 1, L, L) bool mask
   built from the same padding and known/unknown flags: what a user would otherwise write. Padded
@@ -13,21 +14,21 @@ Variants, in one run, per shape and per mode (``fwd`` under ``torch.no_grad``; `
   attention; it only shows what a masked kernel costs against doing all L x L work unmasked).
 - ``biogen-cpu``: ``masked_gene_attention(backend="cpu")``.
 
-``extra_info`` of every benchmark holds:
+``extra_info`` of every benchmark (one per shape and mode; pytest-benchmark's statistics are the
+kernel's) holds, besides ``conftest.compare``'s ratios with their spread:
 
-- ``gflops_useful``: 4 D x (number of allowed (query, key) pairs) per head for the forward, and 2.5x
+- ``<variant>_gflops_useful``: 4 D x (number of allowed (query, key) pairs) per head for the forward, and 2.5x
   that more for the backward (FlashAttention's convention), divided by the median time. Every
   variant is charged the same useful work, so the dense baselines' figure is an effective rate.
 - ``matmul_gflops``: this machine's float32 ``torch.mm`` 2048 x 2048 rate, measured in the same run.
-- ``peak_rss_delta_mib``: extra peak resident memory of one call, measured honestly for a kernel
+- ``<variant>_peak_rss_delta_mib``: extra peak resident memory of one call, measured honestly for a kernel
   that does not allocate through torch: a fresh subprocess (Linux) builds the inputs and, for the
   baseline, the dense mask, resets the resident high-water mark (``/proc/self/clear_refs``), runs
   the call once and reads ``VmHWM``. The delta is the call's peak above everything already resident
   (its outputs, gradients and any thread-pool start-up included).
-- ``speedup_vs_<baseline>``: on ``biogen-cpu``, the baselines' median wall time over ours, from this
-  run; ``cpu_time_ratio_vs_<baseline>`` the same with process CPU time (all threads summed), which
-  is the steadier figure when other jobs share the cores (wall time then measures the share of CPU
-  each variant happened to get). ``cpu_seconds_median`` is that CPU time per call.
+- ``speedup_vs_<baseline>`` (ratio of medians) with ``_range`` / ``_iqr`` over the rounds, and
+  ``cpu_time_ratio_vs_<baseline>``, the same with process CPU time (all threads summed), which is
+  the steadier figure when other jobs share the cores.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import ROUNDS, compare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,12 +64,12 @@ class AttnShape:
     dtype: torch.dtype = torch.float32
     unknown_frac: float = 0.4  # scGPT generative pretraining: 40% of genes to generate
     min_len_frac: float = 0.5  # cells padded to the longest; lengths uniform in [0.5 L, L]
-    rounds: int = 5
+    rounds: int = ROUNDS
 
 
 SHAPES = {
-    "scgpt-L1200": AttnShape("scgpt-L1200", length=1200, rounds=5),
-    "scgpt-L3001": AttnShape("scgpt-L3001", length=3001, rounds=3),
+    "scgpt-L1200": AttnShape("scgpt-L1200", length=1200),
+    "scgpt-L3001": AttnShape("scgpt-L3001", length=3001, rounds=min(ROUNDS, 3)),
 }
 VARIANTS = ("sdpa-dense-mask", "sdpa-no-mask", "biogen-cpu")  # baselines first: ours reports ratios
 MODES = ("fwd", "fwd+bwd")
@@ -193,7 +196,6 @@ def matmul_gflops() -> float:
 
 
 _INPUTS: dict = {}
-_MEDIANS: dict = {}
 
 
 def _inputs(shape_name: str):
@@ -219,57 +221,29 @@ def _check_agreement(shape_name: str) -> None:
     _INPUTS[key] = True
 
 
-def _params():
-    for shape_name in SHAPES:
-        for mode in MODES:
-            for variant in VARIANTS:
-                yield pytest.param(
-                    shape_name, mode, variant, id=f"{shape_name}-{mode}-{variant}",
-                    marks=pytest.mark.benchmark(group=f"masked-attention {shape_name} {mode}"),
-                )
-
-
-@pytest.mark.parametrize("shape_name,mode,variant", list(_params()))
-def test_masked_attention(benchmark, matmul_gflops, shape_name, mode, variant):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_masked_attention(benchmark, matmul_gflops, shape_name, mode):
     from biogen.ops.masked_attention import OP
 
-    if variant == "biogen-cpu" and "cpu" not in OP.reasons:
+    if "cpu" not in OP.reasons:
         pytest.skip("biogen._C was built without the CPU masked attention kernel")
     shape = SHAPES[shape_name]
     q, k, v, pad, known = _inputs(shape_name)
-    if "cpu" in OP.reasons:
-        _check_agreement(shape_name)
-    call = make_call(variant, mode, q, k, v, pad, known)
-    cpu_times: list[float] = []
-
-    def timed_call():
-        t0 = time.process_time()
-        call()
-        cpu_times.append(time.process_time() - t0)
-
-    benchmark.pedantic(timed_call, rounds=shape.rounds, iterations=1, warmup_rounds=1)
-
-    median = benchmark.stats.stats.median
-    cpu_times = sorted(cpu_times[1:])  # without the warm-up round
-    cpu_median = cpu_times[len(cpu_times) // 2]
-    _MEDIANS[(shape_name, mode, variant)] = (median, cpu_median)
+    _check_agreement(shape_name)
+    benchmark.group = f"masked-attention {shape_name} {mode}"
+    res = compare(benchmark, {variant: make_call(variant, mode, q, k, v, pad, known) for variant in VARIANTS},
+                  ours="biogen-cpu", rounds=shape.rounds)
     flops = useful_flops(shape, pad, known) * (1.0 if mode == "fwd" else 3.5)
+    from biogen.ops import build_info
+
     info = benchmark.extra_info
     info.update(
         shape=f"B={shape.batch} H={shape.heads} L={shape.length} D={shape.head_dim} {shape.dtype}",
         unknown_frac=shape.unknown_frac,
-        threads=torch.get_num_threads(),
-        gflops_useful=flops / median / 1e9,
-        cpu_seconds_median=cpu_median,
         matmul_gflops=matmul_gflops,
-        peak_rss_delta_mib=peak_rss_delta_mib(variant, mode, shape_name),
+        cpu_capability=build_info().get("cpu_capability"),
     )
-    if variant == "biogen-cpu":
-        from biogen.ops import build_info
-
-        info["cpu_capability"] = build_info().get("cpu_capability")
-        for base in VARIANTS:
-            if base != variant and (shape_name, mode, base) in _MEDIANS:
-                base_wall, base_cpu = _MEDIANS[(shape_name, mode, base)]
-                info[f"speedup_vs_{base}"] = base_wall / median
-                info[f"cpu_time_ratio_vs_{base}"] = base_cpu / cpu_median
+    for variant in VARIANTS:
+        info[f"{variant}_gflops_useful"] = flops / res.median(variant) / 1e9
+        info[f"{variant}_peak_rss_delta_mib"] = peak_rss_delta_mib(variant, mode, shape_name)

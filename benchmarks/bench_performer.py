@@ -13,12 +13,13 @@ keeps for the backward (several GB at this length), so scBERT's 16,907 would not
 - ``biogen``: :func:`biogen.ops.performer_attention` on the default backend (C++ on a CPU);
 - ``biogen-torch``: the same op on the pure-PyTorch reference backend.
 
-``extra_info`` holds the speed-up over the baseline and the peak extra memory of the call (on a
-GPU from ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set size, sampled every
-millisecond, above the resident size before the call) and its ratio to the baseline's.
+``extra_info`` holds the speed-up of ``biogen`` over the other two (ratio of medians, with its range
+and IQR over the rounds) and each one's peak extra memory of one call (on a GPU from
+``torch.cuda.max_memory_allocated``; on a CPU the peak resident set size, sampled every
+millisecond, above the resident size before the call), and biogen's fraction of the baseline's.
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_performer.py --benchmark-only
-Env:  BIOGEN_BENCH_ROUNDS (default 2), BIOGEN_BENCH_BATCHES (default "1,4"),
+Env:  BIOGEN_BENCH_ROUNDS (default 3), BIOGEN_BENCH_BATCHES (default "1,4"),
       BIOGEN_BENCH_IMPLS (default all three, comma-separated; the reference backend at batch 4
       forward+backward materialises several 0.7 GB feature tensors and takes minutes on 2 cores),
       BIOGEN_BENCH_DEVICE (default cuda if available else cpu),
@@ -37,16 +38,16 @@ import pytest
 import torch
 
 from biogen.ops import gaussian_orthogonal_random_matrix, performer_attention
+from conftest import compare
 
 HEADS, LENGTH, HEAD_DIM = 10, 16907, 64
 NB_FEATURES = int(HEAD_DIM * math.log(HEAD_DIM))
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_BATCHES", "1,4").split(",")]
 CAUSAL_LENGTH = int(os.environ.get("BIOGEN_BENCH_CAUSAL_LENGTH", "4096"))
-ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "3"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 IMPLS = ("performer-pytorch", "biogen", "biogen-torch")  # baseline first: the others report ratios
 IMPLS_RUN = os.environ.get("BIOGEN_BENCH_IMPLS", ",".join(IMPLS)).split(",")
-_BASELINE: dict = {}
 
 
 def _malloc_trim() -> None:
@@ -100,6 +101,8 @@ def _baseline_module(projection, causal=False):
         from performer_pytorch import FastAttention
     except ImportError as exc:
         pytest.skip(f"performer-pytorch is not importable ({exc}); pip install performer-pytorch")
+    if projection is None:
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # causal without fast_transformers' CUDA extension: causal_linear_attention_noncuda
@@ -136,40 +139,44 @@ def _make_fn(impl, batch, backward, length=LENGTH, causal=False):
     return run
 
 
-def _measure(benchmark, impl, key, run, group, **info):
-    run()  # warm-up: first-call costs (allocator arenas, thread pools, lazy imports) are not the op's
-    with _PeakMemory() as mem:
-        run()
+def _measure(benchmark, runs: dict, group, **info):
+    """Every implementation interleaved in the same rounds (conftest.compare); the peak extra memory
+    of one call each, after the warm-up."""
     benchmark.group = group
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-    mean = benchmark.stats.stats.mean
+    peaks = {}
+    for impl, run in runs.items():
+        run()  # warm-up: first-call costs (allocator arenas, thread pools, lazy imports) are not the op's
+        with _PeakMemory() as mem:
+            run()
+        peaks[impl] = mem.extra
+    res = compare(benchmark, runs, ours="biogen", rounds=ROUNDS)
     extra = benchmark.extra_info
-    extra.update(impl=impl, peak_extra_mib=round(mem.extra / 2**20, 1), device=str(DEVICE),
-                 threads=torch.get_num_threads(), **info)
-    if impl == IMPLS[0]:
-        _BASELINE[key] = (mean, mem.extra)
-    elif key in _BASELINE:
-        base_t, base_mem = _BASELINE[key]
-        extra["speedup_vs_performer_pytorch"] = round(base_t / mean, 2)
-        extra["peak_memory_fraction_of_performer_pytorch"] = round(mem.extra / max(base_mem, 1), 3)
+    extra.update(device=str(DEVICE), **info)
+    for impl, peak in peaks.items():
+        extra[f"{impl}_peak_extra_mib"] = round(peak / 2**20, 1)
+    if IMPLS[0] in runs:
+        extra["peak_memory_fraction_of_performer_pytorch"] = round(peaks["biogen"] / max(peaks[IMPLS[0]], 1), 3)
+    return res
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _runs(batch, backward, **kw):
+    if "biogen" not in IMPLS_RUN:
+        pytest.skip("BIOGEN_BENCH_IMPLS leaves out biogen, the side every ratio is of")
+    if IMPLS[0] in IMPLS_RUN:
+        _baseline_module(None)  # skips with the reason when performer-pytorch is not importable
+    return {impl: _make_fn(impl, batch, backward, **kw) for impl in IMPLS if impl in IMPLS_RUN}
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
-def test_performer_scbert_shape(benchmark, impl, batch, pass_):
-    if impl not in IMPLS_RUN:
-        pytest.skip(f"{impl} not in BIOGEN_BENCH_IMPLS")
-    run = _make_fn(impl, batch, pass_ == "forward+backward")
+def test_performer_scbert_shape(benchmark, batch, pass_):
+    runs = _runs(batch, pass_ == "forward+backward")
     group = f"performer B={batch} H={HEADS} L={LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"
-    _measure(benchmark, impl, (batch, pass_), run, group, batch=batch)
+    _measure(benchmark, runs, group, batch=batch)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
-def test_performer_causal(benchmark, impl, pass_):
-    if impl not in IMPLS_RUN:
-        pytest.skip(f"{impl} not in BIOGEN_BENCH_IMPLS")
-    run = _make_fn(impl, 1, pass_ == "forward+backward", length=CAUSAL_LENGTH, causal=True)
+def test_performer_causal(benchmark, pass_):
+    runs = _runs(1, pass_ == "forward+backward", length=CAUSAL_LENGTH, causal=True)
     group = f"performer causal B=1 H={HEADS} L={CAUSAL_LENGTH} D={HEAD_DIM} m={NB_FEATURES} {pass_}"
-    _measure(benchmark, impl, ("causal", pass_), run, group, batch=1, causal=True, length=CAUSAL_LENGTH)
+    _measure(benchmark, runs, group, batch=1, causal=True, length=CAUSAL_LENGTH)

@@ -1,6 +1,7 @@
 """RNA-CDM cascade sampling (``cpu`` preset: 32 px base -> 64 px SR): tiles/s with biogen's fused
 kernels (GroupNorm+FiLM+SiLU, sampler step, attention) vs the same weights under
-``biogen.ops.use_backend("torch")`` (the baseline of the ratio, measured in the same run).
+``biogen.ops.use_backend("torch")`` (the baseline of the ratio), interleaved in the same rounds after
+a warm-up each (``conftest.compare``; ``BIOGEN_BENCH_ROUNDS``, default 3).
 
 Cases:
 - ``dpm25``: DPM-Solver++(2M), 25 steps per stage, guidance 3, batch ``BIOGEN_BENCH_BATCH`` (default 8);
@@ -8,25 +9,21 @@ Cases:
   so that it runs in minutes on a CPU. Set ``BIOGEN_BENCH_DDPM_STEPS`` to shorten it (recorded).
 
 Run: ``PYTHONPATH=python pytest benchmarks/bench_rnacdm.py --benchmark-only -s``.
-extra_info: seconds, tiles/s, speedup vs torch backend, peak memory (CUDA max allocated or CPU RSS
-growth), steps, batch.
+extra_info: seconds per cascade, tiles/s, speedup vs the torch backend with its range and IQR over
+the rounds, peak memory of one cascade (CUDA max allocated or CPU resident high-water mark growth),
+steps, batch.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import biogen.ops
 from biogen.models.rna_cdm import RNACDM, cascade_preset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_diffusion import PeakMemory  # noqa: E402  (shared peak-memory probe, same definition)
+from conftest import compare
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BIOGEN_BENCH_BATCH", "8"))
@@ -34,7 +31,7 @@ DDPM_STEPS = int(os.environ.get("BIOGEN_BENCH_DDPM_STEPS", "1000"))
 LATENT = 200
 CASES = {"dpm25": dict(scheduler="dpmsolver++", steps=25, batch=BATCH),
          "ddpm1000": dict(scheduler="ddpm", steps=DDPM_STEPS, batch=1)}
-RESULTS: dict[tuple[str, str], float] = {}
+ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "3"))
 
 
 @pytest.fixture(scope="module")
@@ -56,29 +53,18 @@ def _run(model, case):
                         generator=torch.Generator().manual_seed(0))
 
 
-# torch first, so the fused run can report its ratio against the same-run baseline
-@pytest.mark.parametrize("backend", ["torch", "biogen"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cascade_sampling(benchmark, model, case, backend):
+def test_cascade_sampling(benchmark, model, case):
     benchmark.group = f"rnacdm-{case}"
     c = CASES[case]
 
-    def go():
-        if backend == "torch":
-            with biogen.ops.use_backend("torch"):
-                return _run(model, case)
-        return _run(model, case)
+    def torch_backend():
+        with biogen.ops.use_backend("torch"):
+            return _run(model, case)
 
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        benchmark.pedantic(go, rounds=1, iterations=1, warmup_rounds=0)
-        seconds = time.perf_counter() - t0
-    RESULTS[(case, backend)] = seconds
-    info = benchmark.extra_info
-    info.update(case=case, scheduler=c["scheduler"], steps_per_stage=c["steps"], batch=c["batch"],
-                seconds=seconds, tiles_per_s=c["batch"] / seconds, peak_memory_mb=mem.mb, device=str(DEVICE),
-                torch_threads=torch.get_num_threads(), preset="cpu (32 -> 64 px)")
-    if backend == "biogen" and (case, "torch") in RESULTS:
-        info["speedup_vs_torch_backend"] = RESULTS[(case, "torch")] / seconds
-    print(f"\n{case} {backend}: {seconds:.2f} s, {c['batch'] / seconds:.3f} tiles/s, peak {mem.mb:.0f} MiB"
-          + (f", {info['speedup_vs_torch_backend']:.2f}x vs torch" if "speedup_vs_torch_backend" in info else ""))
+    res = compare(benchmark, {"torch-backend": torch_backend, "biogen": lambda: _run(model, case)},
+                  ours="biogen", rounds=ROUNDS, memory=True, device=DEVICE)
+    benchmark.extra_info.update(
+        case=case, scheduler=c["scheduler"], steps_per_stage=c["steps"], batch=c["batch"], device=str(DEVICE),
+        preset="cpu (32 -> 64 px)", tiles_per_s=c["batch"] / res.median("biogen"),
+        torch_backend_tiles_per_s=c["batch"] / res.median("torch-backend"))

@@ -1,8 +1,9 @@
 """scBERT `paper` model at the original length: training and inference throughput, peak memory.
 
 Configuration from :meth:`ScBERTConfig.preset("paper")` (dim 200, depth 6, heads 10, dim_head 64,
-ff_mult 4, 266 random features, 7 tokens) on 16,906 genes + 1 = 16,907 positions, float32. One run
-measures, per batch size:
+ff_mult 4, 266 random features, 7 tokens) on 16,906 genes + 1 = 16,907 positions, float32. One test
+per batch size and mode times these variants interleaved in the same rounds, after a warm-up step
+each (``conftest.compare``):
 
 - ``performer-pytorch``: performer-pytorch's ``PerformerLM`` of the same configuration (no rotary
   embedding, learned absolute position = gene embedding, output bias as scBERT) — the baseline,
@@ -21,14 +22,16 @@ measures, per batch size:
 
 ``train``: forward to the token logits of every position, cross-entropy against random tokens, and
 backward (the same work for every implementation; no optimizer step). ``inference``: forward under
-``torch.no_grad``. ``extra_info``: cells/s, speed-up over the float32 baseline, peak extra memory
+``torch.no_grad``. ``extra_info``: cells/s of each variant; biogen's speed-up over every other
+variant, ``biogen-bf16``'s and ``biogen-checkpointed``'s over the baselines, each with its range
+and IQR over the rounds; peak extra memory
 of one step after a warm-up step (CUDA allocator peak, or sampled RSS above the pre-call RSS on a
 CPU, measured in a child process where glibc unmaps freed blocks at once so that RSS follows the
 live tensors, see ``_exact_rss``) and its fraction of the baseline's; ``biogen-bf16`` adds the same two
 against the autocast baseline.
 
 Run:  PYTHONPATH=python python -m pytest benchmarks/bench_scbert.py --benchmark-only
-Env:  BIOGEN_BENCH_ROUNDS (default 1), BIOGEN_BENCH_SCBERT_BATCHES (default "1"),
+Env:  BIOGEN_BENCH_ROUNDS (default 2), BIOGEN_BENCH_SCBERT_BATCHES (default "1"),
       BIOGEN_BENCH_SCBERT_IMPLS (comma-separated subset of the variants; default all),
       BIOGEN_BENCH_SCBERT_GENES (default 16906),
       BIOGEN_BENCH_DEVICE (default cuda if available else cpu).
@@ -49,6 +52,7 @@ import pytest
 import torch
 
 from bench_performer import _PeakMemory  # same sampler as the kernel benchmark
+from conftest import compare
 from biogen.models.scbert.network import ScBERTConfig, ScBERTModel
 from biogen.ops import use_backend
 
@@ -56,14 +60,13 @@ CFG = ScBERTConfig.preset("paper")
 N_GENES = int(os.environ.get("BIOGEN_BENCH_SCBERT_GENES", "16906"))  # smaller for a quick smoke run
 LENGTH = N_GENES + 1
 BATCHES = [int(b) for b in os.environ.get("BIOGEN_BENCH_SCBERT_BATCHES", "1").split(",")]
-ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "1"))
+ROUNDS = int(os.environ.get("BIOGEN_BENCH_ROUNDS", "2"))
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 # baselines first: the others report ratios against them
 ALL_IMPLS = ("performer-pytorch", "performer-pytorch-bf16", "biogen", "biogen-bf16", "biogen-checkpointed",
              "biogen-torch")
 IMPLS = tuple(i for i in ALL_IMPLS if i in os.environ.get("BIOGEN_BENCH_SCBERT_IMPLS", ",".join(ALL_IMPLS)).split(","))
 BASELINES = {"performer-pytorch": "performer_pytorch", "performer-pytorch-bf16": "performer_pytorch_bf16"}
-_BASELINE: dict = {}
 
 
 def _autocast(impl):
@@ -151,30 +154,31 @@ def _make_fn(impl, batch, train):
     return run
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", ["inference", "train"])
-def test_scbert_paper(benchmark, impl, batch, mode):
-    peak = _peak_extra(impl, batch, mode == "train")
+def test_scbert_paper(benchmark, batch, mode):
+    if "biogen" not in IMPLS:
+        pytest.skip("BIOGEN_BENCH_SCBERT_IMPLS leaves out biogen, the side every ratio is of")
+    train = mode == "train"
+    peaks = {impl: _peak_extra(impl, batch, train) for impl in IMPLS}
     _release_freed_memory()
-    run = _make_fn(impl, batch, mode == "train")
-    run()  # warm-up: one-time allocations (kernel caches, lazily created state) are not a step's
     benchmark.group = f"scBERT paper B={batch} L={LENGTH} {mode}"
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-    mean = benchmark.stats.stats.mean
+    res = compare(benchmark, {impl: _make_fn(impl, batch, train) for impl in IMPLS}, ours="biogen", rounds=ROUNDS)
     info = benchmark.extra_info
-    info.update(impl=impl, batch=batch, cells_per_s=round(batch / mean, 4), peak_extra_mib=round(peak / 2**20, 1),
-                device=str(DEVICE), threads=torch.get_num_threads())
-    if impl in BASELINES:
-        _BASELINE[(impl, batch, mode)] = (mean, peak)
-        if impl == "performer-pytorch":
-            return
-    # every variant against the float32 baseline; the mixed-precision ones also against the same autocast
-    for base in ("performer-pytorch",) + (("performer-pytorch-bf16",) if impl == "biogen-bf16" else ()):
-        if (base, batch, mode) in _BASELINE:
-            base_t, base_mem = _BASELINE[(base, batch, mode)]
-            info[f"speedup_vs_{BASELINES[base]}"] = round(base_t / mean, 2)
-            info[f"peak_memory_fraction_of_{BASELINES[base]}"] = round(peak / max(base_mem, 1), 3)
+    info.update(batch=batch, device=str(DEVICE))
+    for impl in IMPLS:
+        info[f"{impl}_cells_per_s"] = round(batch / res.median(impl), 4)
+        info[f"{impl}_peak_extra_mib"] = round(peaks[impl] / 2**20, 1)
+    # the mixed-precision and checkpointed variants against the float32 baseline; biogen-bf16 also
+    # against the same autocast
+    pairs = [("biogen-bf16", "performer-pytorch"), ("biogen-bf16", "performer-pytorch-bf16"),
+             ("biogen-checkpointed", "performer-pytorch")]
+    for ours, base in pairs:
+        if ours in IMPLS and base in IMPLS:
+            res.record(benchmark, base, ours)
+            info[f"{ours}_peak_memory_fraction_of_{BASELINES[base]}"] = round(peaks[ours] / max(peaks[base], 1), 3)
+    if "performer-pytorch" in IMPLS:
+        info["peak_memory_fraction_of_performer_pytorch"] = round(peaks["biogen"] / max(peaks["performer-pytorch"], 1), 3)
 
 
 if __name__ == "__main__":  # child of _peak_extra: python bench_scbert.py IMPL BATCH TRAIN -> peak bytes

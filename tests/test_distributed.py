@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from biogen import distributed as bdist
 from biogen.cli import main as cli_main
 
-from .dist_helpers import torchrun
+from biogen.ops import _runtime
+
+from .dist_helpers import run_python, torchrun
 
 
 # ------------------------------------------------------------------------------ single process
@@ -175,3 +177,31 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(bad) == 2
     assert "trained with another configuration" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the children's biogen
+
+_ATTENTION = """
+import sys
+if sys.argv[1] == "no-extension":
+    sys.modules["biogen._C"] = None  # as in a child that imports a biogen without a built _C
+import torch
+from biogen.ops import masked_gene_attention
+q = torch.randn(1, 2, 8, 16)
+masked_gene_attention(q, q, q)
+"""
+
+
+@pytest.mark.skipif(_runtime._C is None, reason="biogen._C with the CPU kernels not built")
+def test_children_run_the_compiled_kernels_or_the_test_fails(tmp_path):
+    """The launch helpers check every child: the tests' biogen, its _C loaded, no fallback from the
+    C++ cpu backend to torch. A child whose extension does not import must fail the check."""
+    script = tmp_path / "attention.py"
+    script.write_text(_ATTENTION)
+    two = torchrun(2, ["ok"], script=script, guard_dir=tmp_path / "hooks")
+    assert two.returncode == 0, two.stderr[-2000:]
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "hooks" / "reports").glob("*.json")]
+    assert sorted(r["rank"] for r in reports) == ["0", "1"]
+    assert all(r["c_loaded"] and not r["skipped_cpu"] for r in reports)
+    with pytest.raises(AssertionError, match="has no biogen._C"):
+        run_python(script, ["no-extension"])

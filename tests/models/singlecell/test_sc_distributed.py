@@ -2,17 +2,14 @@
 one process on the same global batches, rank 0 alone writes, checkpoints resume in one process."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.dist_helpers import PYTHON_DIR, torchrun
+from tests.dist_helpers import run_python, torchrun
 
 # 20 cells: 4 for validation (2 per rank), 16 for training = 2 global batches of 8 per epoch.
 SCRIPT = textwrap.dedent('''
@@ -58,10 +55,8 @@ def _run(tmp: Path, nproc: int, kind: str, out: Path, epochs: int, resume: bool 
     args = [kind, str(out), str(epochs), "resume" if resume else "new"]
     if nproc > 1:  # ranks other than 0 fail if they create anything in the output folder
         r = torchrun(nproc, args, script=script, rank0_only=out, guard_dir=tmp / f"guard_{out.name}", timeout=300)
-    else:
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(PYTHON_DIR) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        r = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    else:  # the same child set-up and checks as the ranks (this process's biogen and its _C)
+        r = run_python(script, args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
