@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import CorruptFileError, IncompatibleError, MissingFileError, OutputExistsError
 
-__all__ = ["MANIFEST", "check_file", "read_json", "check_safetensors", "load_safetensors", "safetensors_metadata",
+__all__ = ["MANIFEST", "check_file", "read_json", "read_csv", "check_safetensors", "load_safetensors", "safetensors_metadata",
            "torch_load", "write_manifest", "verify_folder", "check_output_dir", "replacing_dir", "swap_in"]
 
 MANIFEST = "manifest.json"
@@ -59,6 +59,20 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file", hint: Optiona
     except json.JSONDecodeError as exc:
         raise CorruptFileError(f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path=path,
                                hint=hint or "fix or restore the file, or write it again") from exc
+
+
+def read_csv(path: str | os.PathLike, *, what: str = "CSV file"):
+    """``pandas.read_csv`` of a file that must exist and parse; errors name the file."""
+    import pandas as pd
+
+    path = Path(path)
+    check_file(path, what)
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"could not be read as a {what} ({first})", path=path,
+                               hint="pass a comma-separated text file with a header row") from exc
 
 
 def check_safetensors(path: str | os.PathLike, *, what: str = "safetensors file") -> dict:
