@@ -189,7 +189,7 @@ def test_main_one_line_or_traceback_with_debug(tmp_path, capsys, monkeypatch):
         else:
             assert cli.main(["info"]) == code
             err = capsys.readouterr().err
-            assert err.startswith("biogen info: interrupted: ") and err.count("\n") == 1
+            assert err.startswith("\nbiogen info: interrupted: ") and err.count("\n") == 2
 
 
 def _with_func(parser, func):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -111,20 +112,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         kept = one_line(exc) if isinstance(exc, Interrupted) else \
             "stopped before finishing; outputs are only written once complete, so earlier ones are as they were"
-        print(f"{label}: interrupted{where}: {kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        # a newline first: Ctrl-C usually lands in the middle of a progress bar's line
+        report, code = f"\n{label}: interrupted{where}: {kept}", EXIT_INTERRUPTED
     except Exception as exc:
         if not is_user_error(exc):
             raise
         if debug:
             traceback.print_exc()
-        print(f"{label}: error{where}: {one_line(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        report, code = f"{label}: error{where}: {one_line(exc)}", EXIT_USER_ERROR
     finally:
         distributed.destroy()
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
+    # Printed once the exception and its frames are gone: progress bars still open in them close
+    # (and print their last state) first, so this stays the last line.
+    gc.collect()
+    print(report, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

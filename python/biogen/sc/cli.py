@@ -78,10 +78,11 @@ def _unchanged(out) -> str:
 
 def _cmd_benchmark(args) -> int:
     from ..errors import on_interrupt
-    from .benchmark import run_benchmark
+    from .benchmark import check_unique_genes, run_benchmark
 
     config = _config(args, _models(args.models))  # validates model names before reading the data
     adata = _read_h5ad(args.h5ad)
+    check_unique_genes(adata, "input", path=args.h5ad)
     with on_interrupt(lambda: _unchanged(args.out)):
         res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     _print_table(res, args.out)
