@@ -41,6 +41,23 @@ def test_safetensors_checks_name_the_file_and_the_problem(st_file, tmp_path):
         _io.load_safetensors(tmp_path / "nope.safetensors")
 
 
+def test_single_file_models_carry_format_version_and_checksum(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "n": torch.tensor(5)}
+    _io.save_safetensors(tensors, path, fmt="biogen.test", version=1, metadata={"config": "{}"})
+    got, meta = _io.load_safetensors_verified(path, fmt="biogen.test", version=1, what="test model")
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors) and meta["config"] == "{}"
+    with pytest.raises(IncompatibleError, match="is not a other model"):
+        _io.load_safetensors_verified(path, fmt="biogen.other", version=1, what="other model")
+    with pytest.raises(IncompatibleError, match="format version 1; this biogen reads up to 0"):
+        _io.load_safetensors_verified(path, fmt="biogen.test", version=0, what="test model")
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x01  # one bit of tensor data: the size is right, the checksum is not
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="m.safetensors: is corrupt"):
+        _io.load_safetensors_verified(path, fmt="biogen.test", version=1, what="test model")
+
+
 def test_json_and_torch_readers_name_the_file(tmp_path):
     p = tmp_path / "state.json"
     p.write_text('{"epoch": 3,\n}')

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 from .errors import CorruptFileError, IncompatibleError, MissingFileError, OutputExistsError
 
 __all__ = ["MANIFEST", "check_file", "read_json", "read_csv", "check_safetensors", "load_safetensors", "safetensors_metadata",
-           "torch_load", "write_manifest", "verify_folder", "check_output_dir", "replacing_dir", "swap_in"]
+           "save_safetensors", "load_safetensors_verified", "torch_load", "write_manifest", "verify_folder", "check_output_dir", "replacing_dir", "swap_in"]
 
 MANIFEST = "manifest.json"
 _ST_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
@@ -126,6 +126,54 @@ def load_safetensors(path: str | os.PathLike, *, device: str = "cpu", what: str 
     except SafetensorError as exc:
         raise CorruptFileError(f"could not be read as safetensors ({exc})", path=path,
                                hint="restore it or save the model again") from exc
+
+
+def _tensor_digest(tensors: dict) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, *, fmt: str, version: int,
+                     metadata: Optional[dict] = None) -> Path:
+    """A single-file model: tensors plus string ``metadata``, with the format, its version and a
+    SHA-256 of the tensors in the header; written atomically."""
+    from safetensors.torch import save_file
+
+    from .utils import atomic_path
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), "kind": fmt, "format_version": str(version), "sha256": _tensor_digest(tensors)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def load_safetensors_verified(path: str | os.PathLike, *, fmt: str, version: int, what: str,
+                              device: str = "cpu", redo: str = "save it again") -> tuple[dict, dict]:
+    """Load what :func:`save_safetensors` wrote: ``(tensors, metadata)``, after checking the size, the
+    format, its version and the checksum. Files of an older biogen (a ``kind`` but no checksum) get the
+    size check only."""
+    meta = safetensors_metadata(path, what=what)
+    if meta.get("kind") != fmt:
+        raise IncompatibleError(f"is not a {what} (it holds {meta.get('kind') or 'no biogen format'!r})", path=path,
+                                hint=f"pass a {what}")
+    saved_version = int(meta.get("format_version", "0") or 0)
+    if saved_version > version:
+        raise IncompatibleError(f"has format version {saved_version}; this biogen reads up to {version}", path=path,
+                                hint="upgrade biogen")
+    tensors = load_safetensors(path, device=device, what=what)
+    if "sha256" in meta and _tensor_digest(tensors) != meta["sha256"]:
+        raise CorruptFileError("is corrupt (its tensors' SHA-256 differs from the one saved with them)", path=path,
+                               hint=f"restore it from a copy or {redo}")
+    return tensors, meta
 
 
 def torch_load(path: str | os.PathLike, *, map_location: Any = "cpu", what: str = "torch file") -> Any:
