@@ -204,17 +204,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | os.PathLike, fmt: str, version: int, **fields) -> dict:
+def write_manifest(folder: str | os.PathLike, fmt: str, version: int, *, files: Optional[list[str]] = None,
+                   **fields) -> dict:
     """Write ``folder/manifest.json`` (last, atomically): ``fmt``, ``version``, ``fields`` and the size and
-    SHA-256 of every other file below ``folder``."""
+    SHA-256 of ``files`` (names relative to ``folder``; default: every other file below it)."""
     from ._version import __version__
     from .utils import write_json
 
     folder = Path(folder)
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
-            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    if files is None:
+        files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")]
+    files = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)} for rel in files}
     manifest = {"format": fmt, "version": version, "biogen": __version__, **fields, "files": files}
     write_json(folder / MANIFEST, manifest)
     return manifest

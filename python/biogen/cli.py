@@ -93,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = debug or os.environ.get("BIOGEN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # for the resume command an interrupted training prints
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

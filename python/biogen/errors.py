@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-__all__ = ["BiogenError", "InputError", "CorruptFileError", "MissingFileError", "OutputExistsError",
+__all__ = ["resume_command", "BiogenError", "InputError", "CorruptFileError", "MissingFileError", "OutputExistsError",
            "IncompatibleError", "Interrupted", "on_interrupt", "is_user_error", "one_line"]
 
 
@@ -80,6 +80,14 @@ def on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
         except Exception as desc_exc:  # the interrupt matters more than a failed description
             note = f"(could not check what was kept: {type(desc_exc).__name__}: {desc_exc})"
         raise Interrupted(note) from exc
+
+
+def resume_command(argv, flag: str = "--resume") -> str:
+    """The command line that continues an interrupted run: ``argv`` with ``flag`` added."""
+    import shlex
+
+    argv = [a for a in argv if a != "--debug"]
+    return "biogen " + " ".join(shlex.quote(str(a)) for a in argv) + ("" if flag in argv else f" {flag}")
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
