@@ -125,7 +125,7 @@ def broken(tmp_path):
 
 
 def _predict(model_dir, h5ad, out):
-    return ["annotate", "predict", "--model-dir", str(model_dir), "--h5ad", str(h5ad), "--out", str(out)]
+    return ["annotate", "predict", "--model", str(model_dir), "--h5ad", str(h5ad), "--out", str(out)]
 
 
 def _model_case(case, src, broken):

@@ -71,14 +71,15 @@ def verify_checkpoint(folder) -> dict:
     return read_json(folder / _STATE, what="trainer state", hint=_REDO)
 
 
-def checkpoint_note(folder, resume: str) -> str:
-    """What an interrupted run kept in ``folder``: the intact checkpoint and the command to resume it
-    (``resume``), or that there is none."""
+def checkpoint_note(folder, resume: str, *, verify=verify_checkpoint, epochs_done=None) -> str:
+    """What an interrupted run kept in ``folder``: the intact checkpoint and the command that resumes
+    it (``resume``), or that there is none. ``verify(folder)`` checks it and returns its trainer state;
+    ``epochs_done(state)``: the epochs it holds (default: ``state["epoch"]``)."""
     try:
-        state = verify_checkpoint(folder)
-    except BiogenError:
-        return f"no complete checkpoint in {folder}; run the command again to start over"
-    epoch = state.get("epoch") if isinstance(state, dict) else None
+        state = verify(folder)
+        epoch = epochs_done(state) if epochs_done else state.get("epoch")
+    except (BiogenError, KeyError, TypeError, AttributeError):
+        return f"no complete checkpoint in {folder}; run the same command again to start over"
     after = f" (after epoch {epoch})" if isinstance(epoch, int) else ""
     return f"the last checkpoint{after} in {folder} is intact (checksums verified); resume with: {resume}"
 

@@ -61,7 +61,7 @@ def test_every_model_trains_predicts_and_overwrites_another_models_folder(ref, t
             assert files == {"annotator.json", "manifest.json", "model/annotator.skops"}
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".model.")], "temporary folder left"
         pred = tmp_path / f"{model}.h5ad"
-        assert main(["annotate", "predict", "--model-dir", str(out), "--h5ad", str(ref_path), "--out", str(pred)]) == 0
+        assert main(["annotate", "predict", "--model", str(out), "--h5ad", str(ref_path), "--out", str(pred)]) == 0
         got = ad.read_h5ad(pred)
         assert len(got.obs[f"{model}_pred"]) == adata.n_obs
         assert set(got.obs[f"{model}_pred"]) <= set(adata.obs["cell_type"])
@@ -116,7 +116,7 @@ def test_model_folder_cannot_run_code(ref, tmp_path, capsys):
     shutil.copy(out / "annotator.json", legacy / "annotator.json")
     marker = tmp_path / "ran"
     (legacy / "model.pkl").write_bytes(pickle.dumps(_Planted(marker)))
-    rc = main(["annotate", "predict", "--model-dir", str(legacy), "--h5ad", str(ref_path), "--out", str(tmp_path / "p.h5ad")])
+    rc = main(["annotate", "predict", "--model", str(legacy), "--h5ad", str(ref_path), "--out", str(tmp_path / "p.h5ad")])
     err = capsys.readouterr().err
     assert rc == 2 and "model.pkl" in err and "pickle" in err and "Traceback" not in err
     assert not marker.exists()
@@ -124,7 +124,7 @@ def test_model_folder_cannot_run_code(ref, tmp_path, capsys):
     # manifest rewritten to match: the checksum is integrity, the allow-list is the safety
     sio.dump({"model": os.system}, out / "model" / "annotator.skops")
     write_manifest(out, "biogen.annotator", 1, model="logreg")
-    rc = main(["annotate", "predict", "--model-dir", str(out), "--h5ad", str(ref_path), "--out", str(tmp_path / "p.h5ad")])
+    rc = main(["annotate", "predict", "--model", str(out), "--h5ad", str(ref_path), "--out", str(tmp_path / "p.h5ad")])
     err = capsys.readouterr().err
     assert rc == 2 and "annotator.skops" in err and "does not load" in err and "system" in err
     assert not (tmp_path / "p.h5ad").exists()
