@@ -91,7 +91,7 @@ def test_manifest_detects_truncation_corruption_and_foreign_folders(st_file, tmp
     with pytest.raises(CorruptFileError, match="SHA-256"):
         _io.verify_folder(folder, "biogen.test", version=2, what="test folder")
     st_file.unlink()
-    with pytest.raises(CorruptFileError, match="missing"):
+    with pytest.raises(MissingFileError, match="missing"):
         _io.verify_folder(folder, "biogen.test", version=2, what="test folder")
     (folder / "manifest.json").unlink()
     with pytest.raises(CorruptFileError, match="no manifest.json"):
@@ -154,7 +154,7 @@ def test_checkpoint_is_verified_on_resume_and_refuses_foreign_folders(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(BiogenError, match="not a checkpoint"):
+    with pytest.raises(BiogenError, match="holds other files"):
         _train_state(mine, 1, 1.0)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 

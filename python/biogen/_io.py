@@ -250,7 +250,7 @@ def verify_folder(folder: str | os.PathLike, fmt: str, *, version: int, what: st
     for rel, rec in m["files"].items():
         p = folder / rel
         if not p.is_file():
-            raise CorruptFileError(f"is missing from the {what}", path=p, hint=redo_hint)
+            raise MissingFileError(f"is missing from the {what}", path=p, hint=redo_hint)
         size = p.stat().st_size
         if size < rec["bytes"]:
             raise CorruptFileError(f"is truncated ({size} of {rec['bytes']} bytes)", path=p, hint=redo_hint)
@@ -307,13 +307,19 @@ def swap_in(new: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def replacing_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def replacing_dir(target: str | os.PathLike, *, overwrite: bool = False,
+                  only_if: Optional[tuple[str, ...]] = None) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; when the block succeeds it replaces ``target`` whole.
 
-    An exception or Ctrl-C in the block leaves ``target`` exactly as it was.
+    An exception or Ctrl-C in the block leaves ``target`` exactly as it was. ``only_if``: names of which
+    a non-empty ``target`` must hold one (e.g. a saved model's ``manifest.json``) to be replaced, so
+    that a library call never deletes a folder of other files.
     """
     target = Path(target)
     check_output_dir(target, overwrite)
+    if only_if and target.is_dir() and any(target.iterdir()) and not any((target / n).exists() for n in only_if):
+        raise OutputExistsError(f"holds other files (none of {list(only_if)})", path=target,
+                                hint="save into a new or empty folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.new-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

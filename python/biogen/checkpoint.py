@@ -21,7 +21,7 @@ import torch
 
 from . import distributed as bdist
 from ._io import MANIFEST, load_safetensors, read_json, replacing_dir, torch_load, verify_folder, write_manifest
-from .errors import BiogenError, IncompatibleError, MissingFileError, OutputExistsError
+from .errors import BiogenError, IncompatibleError, MissingFileError
 from .utils import write_json
 
 __all__ = ["save_training_state", "load_training_state", "verify_checkpoint", "checkpoint_note"]
@@ -47,12 +47,7 @@ def save_training_state(folder, *, modules: dict[str, Any], optimizers: dict[str
     from safetensors.torch import save_file
 
     if bdist.is_main():
-        folder = Path(folder)
-        if folder.is_dir() and any(folder.iterdir()) and not ((folder / MANIFEST).exists()
-                                                              or (folder / _STATE).exists()):
-            raise OutputExistsError("holds files that are not a checkpoint", path=folder,
-                                    hint="give the trainer a folder of its own for checkpoints")
-        with replacing_dir(folder, overwrite=True) as tmp:
+        with replacing_dir(folder, overwrite=True, only_if=(MANIFEST, _STATE)) as tmp:
             save_file(_flat(modules), str(tmp / "weights.safetensors"))
             torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
             torch.save({k: g.get_state() for k, g in generators.items()}, tmp / "rng.pt")
