@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import CorruptFileError, IncompatibleError, MissingFileError, OutputExistsError
 
-__all__ = ["MANIFEST", "check_file", "read_json", "read_csv", "check_safetensors", "load_safetensors", "safetensors_metadata",
+__all__ = ["MANIFEST", "check_file", "read_json", "read_h5ad", "read_csv", "check_safetensors", "load_safetensors", "safetensors_metadata",
            "save_safetensors", "load_safetensors_verified", "torch_load", "write_manifest", "verify_folder", "check_output_dir", "replacing_dir", "swap_in"]
 
 MANIFEST = "manifest.json"
@@ -61,6 +61,24 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file", hint: Optiona
                                hint=hint or "fix or restore the file, or write it again") from exc
 
 
+def read_h5ad(path: str | os.PathLike, *, what: str = ".h5ad file"):
+    """``anndata.read_h5ad`` of a file that must exist, be named ``*.h5ad`` and parse; errors name it."""
+    import anndata as ad
+
+    from .errors import InputError
+
+    path = Path(path)
+    if path.suffix != ".h5ad":
+        raise InputError("is not an .h5ad file", path=path, hint="pass AnnData saved with write_h5ad")
+    check_file(path, what)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py / anndata raise many types for a damaged file, none naming it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CorruptFileError(f"could not be read as AnnData ({type(exc).__name__}: {first})", path=path,
+                               hint="check that it is a complete .h5ad file") from exc
+
+
 def read_csv(path: str | os.PathLike, *, what: str = "CSV file"):
     """``pandas.read_csv`` of a file that must exist and parse; errors name the file."""
     import pandas as pd
@@ -90,7 +108,7 @@ def check_safetensors(path: str | os.PathLike, *, what: str = "safetensors file"
         (n,) = struct.unpack("<Q", f.read(8))
         first = f.read(1)
         if first != b"{" or n > _ST_MAX_HEADER or n < 2:
-            raise CorruptFileError(f"is not a safetensors file (no safetensors header at its start)", path=path,
+            raise CorruptFileError("is not a safetensors file (no safetensors header at its start)", path=path,
                                    hint=f"pass a {what} written by biogen")
         if 8 + n > size:
             raise CorruptFileError(f"is truncated ({size} bytes; its header alone needs {8 + n})", path=path,

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CorruptFileError, IncompatibleError, InputError, OutputExistsError
+from ..errors import IncompatibleError, InputError, OutputExistsError
 
 #: ``manifest.json`` format of the folders ``annotate train`` writes (see :mod:`biogen._io`)
 ANNOTATOR_FORMAT, ANNOTATOR_VERSION = "biogen.annotator", 1
 _RETRAIN = "train it again with 'biogen annotate train'"
 
 
-def _read_h5ad(path: str, backed: bool = False):
-    import anndata as ad
+def _read_h5ad(path: str):
+    from .._io import read_h5ad
 
-    from .._io import check_file
-
-    p = Path(path)
-    if p.suffix != ".h5ad":
-        raise InputError("is not an .h5ad file", path=path, hint="pass AnnData saved with write_h5ad")
-    check_file(p, ".h5ad file")
-    try:
-        return ad.read_h5ad(p)
-    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise CorruptFileError(f"could not be read as AnnData ({type(exc).__name__}: {exc})", path=path,
-                               hint="check that it is a complete .h5ad file") from exc
+    return read_h5ad(path)
 
 
 def _parse_subset(items):

@@ -27,7 +27,6 @@ stop-gradient rule that out.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
