@@ -336,3 +336,220 @@ def test_ctrl_c_during_annotate_train_keeps_the_previous_model(ref, logreg_dir, 
     assert snapshot(out) == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".model.")]
     assert main(_predict(out, ref, tmp_path / "p.h5ad")) == 0
+
+
+# ----------------------------------------------------------------------------- model fixtures
+
+
+@pytest.fixture(scope="module")
+def ts_run(work):
+    """A one-epoch TumorSynth run at 32 px (checkpoints/last, best_generator.safetensors)."""
+    from biogen.data.phantoms import brain_phantoms
+    from biogen.models.tumorsynth.training import TumorSynthConfig, train
+
+    images, labels = brain_phantoms(24, size=32, seed=0)
+    train(images, labels, config=TumorSynthConfig(image_size=32, epochs=1, n_eval_samples=16, batch_size=4),
+          out_dir=work / "ts", progress=False)
+    return work / "ts"
+
+
+@pytest.fixture(scope="module")
+def cxr(work):
+    from biogen.models.pumamednet.data import make_synthetic_cxr, write_synthetic_folder
+
+    return write_synthetic_folder(make_synthetic_cxr(24, size=32, seed=0), work / "cxr")
+
+
+@pytest.fixture(scope="module")
+def pm_run(work, cxr):
+    out = work / "pm"
+    assert main(["pumamednet", "train", "--data", str(cxr), "--out", str(out), "--preset", "tiny", "--epochs", "1",
+                 "--clf-epochs", "3", "--no-attention", "--val-fraction", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rna(work):
+    from biogen.data.toy_tissue import ToyTissueConfig, simulate_toy_tissue
+
+    toy = simulate_toy_tissue(12, 1, ToyTissueConfig(n_genes=40, markers_per_type=5, tile_size=32), seed=3)
+    toy.write(work / "rna.h5ad", work / "tiles")
+    return work / "rna.h5ad", work / "tiles"
+
+
+@pytest.fixture(scope="module")
+def rna_runs(work, rna):
+    h5ad, tiles = rna
+    vae_dir, cdm_dir = work / "vae", work / "cdm"
+    assert main(["rnacdm", "train-vae", "--rna", str(h5ad), "--out", str(vae_dir), "--hidden", "16", "--latent", "4",
+                 "--epochs", "2", "--batch-size", "8", "--plot", "none"]) == 0
+    assert main(["rnacdm", "train", "--rna", str(h5ad), "--tiles", str(tiles), "--vae", str(vae_dir / "vae.safetensors"),
+                 "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--out", str(cdm_dir)]) == 0
+    return vae_dir, cdm_dir
+
+
+def _damage(path: Path, how: str) -> Path:
+    if how == "truncated":
+        truncate(path)
+    elif how == "zero-byte":
+        path.write_bytes(b"")
+    elif how == "bad JSON":
+        path.write_text("{\n")
+    elif how == "bit flip":
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x10
+        path.write_bytes(bytes(data))
+    else:
+        raise AssertionError(how)
+    return path
+
+
+# --------------------------------------------------------------------------------- tumorsynth
+
+
+TS_CASES = [("missing", None), ("empty folder", None), ("truncated", "best_generator.safetensors"),
+            ("zero-byte", "checkpoints/last/generator.safetensors"), ("bad JSON", "checkpoints/last/state.json"),
+            ("bit flip", "best_generator.safetensors"), ("truncated", "checkpoints/last/manifest.json")]
+
+
+@pytest.mark.parametrize("how,rel", TS_CASES)
+def test_tumorsynth_sample_broken_run(how, rel, ts_run, broken, capsys, tmp_path):
+    run = broken.copy(ts_run, "run")
+    if how == "missing":
+        shutil.rmtree(run)
+        named = run
+    elif how == "empty folder":
+        shutil.rmtree(run)
+        run.mkdir()
+        named = run
+    else:
+        named = _damage(run / rel, how)
+    argv = ["tumorsynth", "sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]
+    if "generator.safetensors" in str(rel) and "checkpoints" in str(rel):
+        argv.append("--last")
+    assert_refused(argv, named, capsys, protected=[run])
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_tumorsynth_wrong_model_type_and_train_inputs(ts_run, pm_run, broken, capsys, tmp_path):
+    line = assert_refused(["tumorsynth", "sample", "--run", str(pm_run), "--out", str(tmp_path / "s.png")], pm_run,
+                          capsys, protected=[pm_run])
+    assert "no TumorSynth checkpoint" in line
+    run = broken.copy(ts_run, "run")
+    _damage(run / "checkpoints" / "last" / "optim.pt", "truncated")
+    assert_refused(["tumorsynth", "train", "--out", str(run), "--resume", "--image-size", "32", "--phantoms", "24",
+                    "--epochs", "2", "--no-progress"], run / "checkpoints" / "last" / "optim.pt", capsys,
+                   protected=[run])
+    missing = tmp_path / "no_images"
+    assert_refused(["tumorsynth", "train", "--data", str(missing), "--out", str(tmp_path / "o"), "--image-size", "32"],
+                   missing, capsys)
+    assert_refused(["tumorsynth", "evaluate", "--real", str(missing), "--fake", str(ts_run), "--image-size", "32"],
+                   missing, capsys)
+
+
+# --------------------------------------------------------------------------------- pumamednet
+
+
+@pytest.mark.parametrize("how,rel", [("missing", None), ("truncated", "model/model.safetensors"),
+                                     ("zero-byte", "model/config.json"), ("bit flip", "model/model.safetensors")])
+@pytest.mark.parametrize("sub", ["explain", "audit"])
+def test_pumamednet_broken_model(sub, how, rel, pm_run, cxr, broken, capsys, tmp_path):
+    run = broken.copy(pm_run, "run")
+    if how == "missing":
+        shutil.rmtree(run / "model")
+        named = run / "model"
+    else:
+        named = _damage(run / rel, how)
+    out = tmp_path / "out"
+    assert_refused(["pumamednet", sub, "--model", str(run / "model"), "--data", str(cxr), "--out", str(out)], named,
+                   capsys, protected=[run])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_pumamednet_wrong_model_type_and_broken_resume(pm_run, ts_run, cxr, broken, capsys, tmp_path):
+    line = assert_refused(["pumamednet", "explain", "--model", str(ts_run), "--data", str(cxr), "--out",
+                           str(tmp_path / "o")], ts_run, capsys, protected=[ts_run])
+    assert "manifest.json" in line
+    run = broken.copy(pm_run, "run")
+    weights = _damage(run / "checkpoint" / "weights.safetensors", "truncated")
+    assert_refused(["pumamednet", "train", "--data", str(cxr), "--out", str(run), "--resume", "--preset", "tiny",
+                    "--epochs", "2", "--clf-epochs", "3", "--no-attention", "--val-fraction", "0"], weights, capsys,
+                   protected=[run])
+
+
+# ------------------------------------------------------------------------------------- rnacdm
+
+
+@pytest.mark.parametrize("case", ["missing", "zero-byte", "wrong format", "truncated"])
+def test_rnacdm_train_vae_broken_rna(case, rna, broken, capsys, tmp_path):
+    h5ad = _h5ad_case(case, rna[0], broken)
+    assert_refused(["rnacdm", "train-vae", "--rna", str(h5ad), "--out", str(tmp_path / "o"), "--hidden", "8",
+                    "--latent", "2", "--epochs", "1"], h5ad, capsys)
+
+
+def test_rnacdm_train_vae_broken_resume(rna_runs, rna, broken, capsys):
+    run = broken.copy(rna_runs[0], "vae")
+    state = _damage(run / "checkpoint" / "trainer_state.json", "bad JSON")
+    assert_refused(["rnacdm", "train-vae", "--rna", str(rna[0]), "--out", str(run), "--resume", "--hidden", "16",
+                    "--latent", "4", "--epochs", "3", "--batch-size", "8", "--plot", "none"], state, capsys,
+                   protected=[run])
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero-byte", "bit flip", "wrong model type"])
+@pytest.mark.parametrize("which", ["model", "vae"])
+@pytest.mark.parametrize("sub", ["sample", "evaluate", "train"])
+def test_rnacdm_broken_checkpoints(sub, which, how, rna_runs, rna, broken, capsys, tmp_path):
+    if sub == "train" and which == "model":
+        which = "resume"
+    vae = broken.copy(rna_runs[0] / "vae.safetensors", "vae.safetensors")
+    cdm = broken.copy(rna_runs[1] / "cascade.safetensors", "cascade.safetensors")
+    files = {"model": cdm, "resume": cdm, "vae": vae}
+    named = files[which]
+    if how == "wrong model type":  # the other kind of file where this one is expected
+        files[which] = named = vae if which != "vae" else cdm
+    else:
+        _damage(named, how)
+    h5ad, tiles = rna
+    argv = ["rnacdm", sub, "--rna", str(h5ad), "--vae", str(files["vae"]), "--out", str(tmp_path / "o")]
+    if sub != "train":
+        argv += ["--model", str(files["model"]), "--steps", "1", "--per-sample", "1"]
+    else:
+        argv += ["--tiles", str(tiles), "--preset", "tiny", "--steps", "1"]
+        if which == "resume":
+            argv += ["--resume", str(files["resume"])]
+    if sub == "evaluate":
+        argv += ["--tiles", str(tiles)]
+    line = assert_refused(argv, named, capsys, protected=[vae, cdm])
+    if how == "wrong model type":
+        assert "is not a" in line
+
+
+# ------------------------------------------------------------------------------------- demos
+
+
+@pytest.mark.parametrize("argv", [["tumorsynth", "demo"], ["pumamednet", "demo"], ["rnacdm", "demo"]])
+def test_model_demos_keep_an_existing_output(argv, capsys, tmp_path):
+    folder = tmp_path / "demo_out"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    assert_refused(argv + ["--out", str(folder)], folder, capsys, protected=[folder])
+
+
+# --------------------------------------------------------------------------- Ctrl-C, checkpoints
+
+
+def test_ctrl_c_during_tumorsynth_train_names_the_intact_checkpoint(tmp_path):
+    from biogen.models.tumorsynth.training import verify_checkpoint
+
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last"
+    argv = ["tumorsynth", "train", "--out", str(out), "--image-size", "32", "--phantoms", "24", "--epochs", "500",
+            "--no-progress"]
+    rc, err = _run_until(argv, ready=lambda err: (last / "manifest.json").exists())
+    line = err.strip().splitlines()[-1]
+    assert rc == 130, err
+    assert "Traceback" not in err and line.startswith("biogen tumorsynth train: interrupted: ")
+    assert str(last) in line and "is intact" in line and "--resume" in line
+    state = verify_checkpoint(last)  # what the message promised
+    assert f"after epoch {state['epoch'] + 1}" in line
+    assert main(["tumorsynth", "sample", "--run", str(out), "--last", "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
