@@ -180,6 +180,7 @@ class SingleCellModel:
         if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
             raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
         os.makedirs(path, exist_ok=True)
+        (Path(path) / MANIFEST).unlink(missing_ok=True)  # a save cut short then reads as incomplete
         save_weights(os.path.join(path, "model.safetensors"), self.module)
         self._write_meta(path)
         write_manifest(path, self._FORMAT, CHECKPOINT_VERSION, files=list(self._MODEL_FILES), kind="model")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ... import distributed as bdist
-from ..._io import MANIFEST, load_safetensors, read_json, replacing_dir, torch_load, verify_folder, write_manifest
+from ..._io import MANIFEST, load_safetensors, read_json, torch_load, verify_folder, write_manifest
 from ...errors import IncompatibleError, MissingFileError
 from ...utils import atomic_path, write_json
 
@@ -108,24 +108,18 @@ _REDO = "start again without resume=True, or with another checkpoint_dir"
 
 
 def save_checkpoint(owner, folder: str, opt, state: dict) -> None:
-    """Weights, optimizer, the model's metadata, the trainer state and a manifest of their sizes and
-    checksums, written into a new folder that replaces ``folder`` whole: a crash leaves the previous
-    checkpoint complete. ``best.safetensors`` (written between checkpoints) is carried over by a link."""
-    import shutil
-
+    """Weights, optimizer, the model's metadata, the trainer state, then a manifest of their sizes and
+    checksums; each file atomically. The folder may hold other files (the caller's data), so the files
+    are replaced one by one rather than the folder whole: the old manifest goes first, so a save cut
+    short is reported as incomplete on resume, never loaded as a mix of two epochs."""
     folder = Path(folder)
-    with replacing_dir(folder, overwrite=True, only_if=(MANIFEST, "trainer_state.json", "best.safetensors")) as tmp:
-        save_weights(str(tmp / "model.safetensors"), owner.module)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        owner._write_meta(str(tmp))
-        write_json(tmp / "trainer_state.json", state)
-        write_manifest(tmp, owner._FORMAT, CHECKPOINT_VERSION, files=list(CHECKPOINT_FILES), kind="checkpoint")
-        best = folder / "best.safetensors"
-        if best.exists():
-            try:
-                os.link(best, tmp / "best.safetensors")
-            except OSError:  # a file system without hard links
-                shutil.copy2(best, tmp / "best.safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    save_weights(str(folder / "model.safetensors"), owner.module)
+    atomic_write(str(folder / "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
+    owner._write_meta(str(folder))
+    write_json(folder / "trainer_state.json", state)
+    write_manifest(folder, owner._FORMAT, CHECKPOINT_VERSION, files=list(CHECKPOINT_FILES), kind="checkpoint")
 
 
 def load_checkpoint(owner, folder: str, opt, objective: str) -> dict:
