@@ -232,7 +232,7 @@ def write_manifest(folder: str | os.PathLike, fmt: str, version: int, *, files: 
     folder = Path(folder)
     if files is None:
         files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")]
+                 if p.is_file() and p != folder / MANIFEST and not p.name.endswith(".tmp")]
     files = {rel: {"bytes": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)} for rel in files}
     manifest = {"format": fmt, "version": version, "biogen": __version__, **fields, "files": files}
     write_json(folder / MANIFEST, manifest)
