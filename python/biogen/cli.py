@@ -17,6 +17,7 @@ from .errors import BiogenError, Interrupted, is_user_error, one_line
 # on its parsers taking the parsed args and returning an exit code.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.selfcheck",
+    "biogen.gpucheck",
     "biogen.sc.cli",
     "biogen.models.tumorsynth.cli",
     "biogen.tabular.cli",
