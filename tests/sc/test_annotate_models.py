@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from biogen.cli import main
-from biogen.sc.benchmark import ANNOTATORS, load_baseline
+from biogen.sc.benchmark import ANNOTATORS, load_baseline, save_baseline
 from biogen.sc.datasets import synthetic
 
 BASELINES = sorted(name for name, f in ANNOTATORS.items() if isinstance(f, type))
@@ -65,8 +65,9 @@ def test_every_model_trains_predicts_and_overwrites_another_models_folder(ref, t
         got = ad.read_h5ad(pred)
         assert len(got.obs[f"{model}_pred"]) == adata.n_obs
         assert set(got.obs[f"{model}_pred"]) <= set(adata.obs["cell_type"])
-        proba = got.obsm[f"{model}_proba"]
-        assert np.allclose(proba.sum(1), 1, atol=1e-4)
+        if model in ("logreg", "knn", "scgpt", "scbert") or f"{model}_proba" in got.obsm:  # (a linear SVM has none)
+            proba = got.obsm[f"{model}_proba"]
+            assert np.allclose(proba.sum(1), 1, atol=1e-4)
         previous = model
 
 
@@ -76,13 +77,16 @@ def test_baseline_save_load_predicts_exactly_as_the_fitted_model(ref, tmp_path, 
     model = ANNOTATORS[name](n_top_genes=40)
     model.fit(adata, "cell_type")
     want = model.predict(adata)
-    model.save(tmp_path)
+    save_baseline(model, tmp_path)  # what 'annotate train' does for every baseline, with or without a save()
     with open(tmp_path / "annotator.skops", "rb") as f:
         assert f.read(2) == b"PK", "a skops zip, not a pickle"
-    loaded = ANNOTATORS[name].load(tmp_path)
+    loaded = load_baseline(tmp_path, ANNOTATORS[name])
     got = loaded.predict(adata)
     assert type(loaded) is type(model)
-    assert np.array_equal(got.proba, want.proba) and list(got.labels) == list(want.labels)
+    assert list(got.labels) == list(want.labels)
+    assert (got.proba is None) == (want.proba is None)
+    if want.proba is not None:
+        assert np.array_equal(got.proba, want.proba)
     assert got.classes == want.classes
     if want.embedding is not None:
         assert np.array_equal(got.embedding, want.embedding)
