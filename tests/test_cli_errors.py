@@ -553,3 +553,19 @@ def test_ctrl_c_during_tumorsynth_train_names_the_intact_checkpoint(tmp_path):
     state = verify_checkpoint(last)  # what the message promised
     assert f"after epoch {state['epoch'] + 1}" in line
     assert main(["tumorsynth", "sample", "--run", str(out), "--last", "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_ctrl_c_during_rnacdm_train_vae_names_the_intact_checkpoint(rna, tmp_path):
+    from biogen.checkpoint import verify_checkpoint
+
+    out = tmp_path / "vae"
+    ck = out / "checkpoint"
+    argv = ["rnacdm", "train-vae", "--rna", str(rna[0]), "--out", str(out), "--hidden", "16", "--latent", "4",
+            "--epochs", "100000", "--patience", "100000", "--batch-size", "8", "--plot", "none"]
+    rc, err = _run_until(argv, ready=lambda err: (ck / "manifest.json").exists())
+    line = err.strip().splitlines()[-1]
+    assert rc == 130, err
+    assert "Traceback" not in err and line.startswith("biogen rnacdm train-vae: interrupted: ")
+    assert str(ck) in line and "is intact" in line and line.endswith(" --resume")
+    state = verify_checkpoint(ck)
+    assert f"after epoch {state['epoch']}" in line
