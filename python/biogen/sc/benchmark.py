@@ -5,7 +5,9 @@ otherwise), train each annotator on the reference split, predict the held-out sp
 metrics, per-class reports, confusion matrices, UMAPs, predictions and a report.
 
 Annotators share one small interface (:class:`Annotator`): ``fit(train, label_key)`` and
-``predict(test) -> Prediction``. Built in: ``logreg`` (logistic regression on log-normalised HVGs,
+``predict(test) -> Prediction``; ``save(folder)`` / ``load(folder)`` for ``biogen annotate train`` and
+``predict`` (the scikit-learn baselines are saved with skops, which loads only the allow-listed
+types of :func:`baseline_trusted_types`: no pickle, no code runs). Built in: ``logreg`` (logistic regression on log-normalised HVGs,
 the strong simple baseline) and ``knn`` (kNN label transfer in a PCA space fitted on the
 reference, in the spirit of Azimuth's reference mapping). The transformer models register
 themselves in :data:`ANNOTATORS` from their own modules.
@@ -120,6 +122,7 @@ class _LogNormHVG:
 
         from .preprocess import preprocess
 
+        check_unique_genes(adata, "reference")
         n_top = min(self.n_top_genes, adata.n_vars)
         work = preprocess(adata, layer=layer, n_top_genes=n_top if n_top < adata.n_vars else None,
                           hvg_flavor="cell_ranger")
@@ -130,6 +133,7 @@ class _LogNormHVG:
     def transform(self, adata, layer):
         from .preprocess import preprocess
 
+        check_unique_genes(adata, "query")
         missing = [g for g in self.genes if g not in adata.var_names]
         if missing:
             raise ValueError(f"{len(missing)} reference genes are missing from the query, e.g. {missing[:5]}")
@@ -137,11 +141,94 @@ class _LogNormHVG:
         return self.scaler.transform(_dense(work.X)).clip(-10, 10)
 
 
+def check_unique_genes(adata, what: str, path=None) -> None:
+    """Refuse duplicated gene names (``path``: the file they came from, for the message)."""
+    from ..errors import InputError
+
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        raise InputError(f"{len(dup)} {what} gene names occur more than once in var_names (e.g. {list(dup[:5])})",
+                         path=path, hint="sum or drop the duplicated genes so that each name is one column, "
+                         "then run again")
+
+
 def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
 
 
-class LogRegAnnotator:
+# Types a saved baseline may hold beyond those skops trusts by default (scikit-learn estimators,
+# numpy): the fitted helper objects of the estimators the baselines use. Anything else in a file is
+# refused before it is loaded.
+_SKLEARN_HELPER_TYPES = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.metrics._dist_metrics.EuclideanDistance32",
+    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
+)
+_BASELINE_FILE = "annotator.skops"
+
+
+def baseline_trusted_types() -> set[str]:
+    """The types a saved baseline may hold: the baseline annotator classes registered in
+    :data:`ANNOTATORS` (and their feature transform) and the scikit-learn helpers they use."""
+    ours = {c for c in ANNOTATORS.values() if isinstance(c, type)} | {_LogNormHVG}
+    return {f"{c.__module__}.{c.__qualname__}" for c in ours} | set(_SKLEARN_HELPER_TYPES)
+
+
+def save_baseline(annotator, folder) -> Path:
+    """Write a fitted scikit-learn baseline to ``folder/annotator.skops`` (atomically), without pickle."""
+    import skops.io as sio
+
+    from ..utils import atomic_path
+
+    folder = Path(folder)
+    with atomic_path(folder / _BASELINE_FILE) as tmp:
+        sio.dump(annotator, tmp)
+    return folder
+
+
+def load_baseline(folder, expected: Optional[type] = None):
+    """Load what :func:`save_baseline` wrote, refusing any type outside :func:`baseline_trusted_types`
+    (so a file from elsewhere cannot run code) and, with ``expected``, an annotator of another class."""
+    import skops.io as sio
+
+    from .._io import check_file
+    from ..errors import CorruptFileError, IncompatibleError
+
+    path = Path(folder) / _BASELINE_FILE
+    check_file(path, "saved baseline model")
+    try:
+        found = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # zip / JSON errors of a damaged file, raised in many types by skops
+        raise CorruptFileError(f"could not be read as a skops file ({type(exc).__name__}: {exc})", path=path,
+                               hint="restore it or train the model again") from exc
+    refused = sorted(set(found) - baseline_trusted_types())
+    if refused:
+        raise IncompatibleError(f"holds types biogen does not load: {refused[:5]}", path=path,
+                                hint="load only model folders written by 'biogen annotate train'")
+    try:
+        obj = sio.load(path, trusted=found)
+    except Exception as exc:
+        raise CorruptFileError(f"could not be loaded ({type(exc).__name__}: {exc})", path=path,
+                               hint="restore it or train the model again") from exc
+    if expected is not None and not isinstance(obj, expected):
+        raise IncompatibleError(f"holds a {type(obj).__name__}, not a {expected.__name__}", path=path,
+                                hint="pass the model folder of the model you meant")
+    return obj
+
+
+class _SavedWithSkops:
+    """``save`` / ``load`` of the scikit-learn baselines (:func:`save_baseline`, :func:`load_baseline`)."""
+
+    def save(self, folder) -> Path:
+        return save_baseline(self, folder)
+
+    @classmethod
+    def load(cls, folder):
+        return load_baseline(folder, cls)
+
+
+class LogRegAnnotator(_SavedWithSkops):
     """Logistic regression on log-normalised, scaled HVGs: the strong simple baseline."""
 
     name = "logreg"
@@ -165,7 +252,7 @@ class LogRegAnnotator:
         return Prediction(np.asarray(classes)[proba.argmax(1)], proba, classes, None)
 
 
-class KNNAnnotator:
+class KNNAnnotator(_SavedWithSkops):
     """Reference mapping: project the query into the reference's PCA space, transfer labels from the
     k nearest reference cells (distance-weighted vote), as Azimuth-style tools do."""
 

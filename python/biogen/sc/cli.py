@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 
+from ..errors import IncompatibleError, InputError, OutputExistsError
 
-def _read_h5ad(path: str, backed: bool = False):
-    import anndata as ad
+#: ``manifest.json`` format of the folders ``annotate train`` writes (see :mod:`biogen._io`)
+ANNOTATOR_FORMAT, ANNOTATOR_VERSION = "biogen.annotator", 1
+_RETRAIN = "train it again with 'biogen annotate train'"
 
-    p = Path(path)
-    if p.suffix != ".h5ad":
-        raise ValueError(f"{path} is not an .h5ad file")
-    if not p.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return ad.read_h5ad(p)
-    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise ValueError(f"{path} could not be read as AnnData: {type(exc).__name__}: {exc}") from exc
+
+def _read_h5ad(path: str):
+    from .._io import read_h5ad
+
+    return read_h5ad(path)
 
 
 def _parse_subset(items):
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--subset expects COLUMN=VALUE[,VALUE...], got {item!r}")
+            raise InputError(f"--subset expects COLUMN=VALUE[,VALUE...], got {item!r}")
         col, vals = item.split("=", 1)
         out[col] = vals.split(",")
     return out or None
@@ -66,71 +62,100 @@ def _models(arg):
     return list(ANNOTATORS) if arg in (None, "all") else [m.strip() for m in arg.split(",") if m.strip()]
 
 
+def _unchanged(out) -> str:
+    return f"nothing was written; {out} is as it was (outputs are replaced only once complete)"
+
+
 def _cmd_benchmark(args) -> int:
-    from .benchmark import run_benchmark
+    from ..errors import on_interrupt
+    from .benchmark import check_unique_genes, run_benchmark
 
     config = _config(args, _models(args.models))  # validates model names before reading the data
     adata = _read_h5ad(args.h5ad)
-    res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    check_unique_genes(adata, "input", path=args.h5ad)
+    with on_interrupt(lambda: _unchanged(args.out)):
+        res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     _print_table(res, args.out)
     return 0
 
 
 def _cmd_train(args) -> int:
     from .. import distributed as bdist
-    from ..utils import atomic_path, prepare_output_dir, write_json
-    from .benchmark import ANNOTATORS, check_label_key
+    from .._io import check_output_dir, replacing_dir, write_manifest
+    from ..errors import on_interrupt
+    from ..utils import write_json
+    from .benchmark import ANNOTATORS, check_label_key, check_unique_genes, save_baseline
     from .preprocess import check_counts
 
     if args.model not in ANNOTATORS:
-        raise ValueError(f"unknown model {args.model!r}; available: {sorted(ANNOTATORS)}")
+        raise InputError(f"unknown model {args.model!r}; available: {sorted(ANNOTATORS)}")
     adata = _read_h5ad(args.h5ad)
     check_label_key(adata, args.label_key)
     check_counts(adata, layer=args.layer)
+    check_unique_genes(adata, "reference", path=args.h5ad)
     # Under torchrun the transformers train with DDP on every rank; rank 0 alone writes.
     bdist.init()
-    out = prepare_output_dir(args.out, overwrite=args.overwrite) if bdist.is_main() else Path(args.out)
+    out = Path(args.out)
+    if bdist.is_main():
+        check_output_dir(out, overwrite=args.overwrite)  # before training, not after
     bdist.barrier()
     opts = {"preset": args.preset} if args.model in ("scgpt", "scbert") else {}
     if args.epochs is not None and args.model in ("scgpt", "scbert"):
         opts["epochs"] = args.epochs
     model = ANNOTATORS[args.model](**opts)
-    model.fit(adata, args.label_key, layer=args.layer, batch_key=args.batch_key)
-    if not bdist.is_main():
-        return 0
-    if hasattr(model, "save"):
-        model.save(out / "model")
-    else:  # scikit-learn baselines: a pickle, loadable only by code you trust (as any pickle)
-        with atomic_path(out / "model.pkl") as tmp, open(tmp, "wb") as f:
-            pickle.dump(model, f)
-    write_json(out / "annotator.json", {"model": args.model, "label_key": args.label_key, "layer": args.layer})
+    with on_interrupt(lambda: f"no model was saved and {out} is as it was; run the same command again "
+                              "to train from the start"):
+        model.fit(adata, args.label_key, layer=args.layer, batch_key=args.batch_key)
+        if not bdist.is_main():
+            return 0
+        # The whole folder is written beside --out and swapped in: nothing of an earlier model remains.
+        with replacing_dir(out, overwrite=args.overwrite) as tmp:
+            save = getattr(model, "save", None)
+            save(tmp / "model") if save is not None else save_baseline(model, tmp / "model")
+            write_json(tmp / "annotator.json", {"model": args.model, "label_key": args.label_key,
+                                                "layer": args.layer})
+            write_manifest(tmp, ANNOTATOR_FORMAT, ANNOTATOR_VERSION, model=args.model)
     print(f"trained {args.model} on {adata.n_obs} cells; saved to {out}")
     return 0
 
 
+def load_annotator(model_dir):
+    """Verify and load a folder written by ``annotate train``: ``(model name, annotator.json, model)``."""
+    from .._io import MANIFEST, read_json, verify_folder
+    from .benchmark import ANNOTATORS, load_baseline
+
+    d = Path(model_dir)
+    if (d / "model.pkl").is_file() and not (d / MANIFEST).exists():
+        raise IncompatibleError("is a pickled model of an older biogen, which biogen no longer loads (loading a "
+                                "pickle can run any code)", path=d / "model.pkl", hint=_RETRAIN)
+    verify_folder(d, ANNOTATOR_FORMAT, version=ANNOTATOR_VERSION, what="annotator model folder", redo=_RETRAIN)
+    meta = read_json(d / "annotator.json", what="annotator description", hint=_RETRAIN)
+    name = meta.get("model") if isinstance(meta, dict) else None
+    if name not in ANNOTATORS:
+        raise IncompatibleError(f"names model {name!r}, which this biogen does not have (it has "
+                                f"{sorted(ANNOTATORS)})", path=d / "annotator.json", hint="upgrade biogen")
+    factory = ANNOTATORS[name]
+    load = getattr(factory, "load", None)
+    if load is not None:
+        model = load(d / "model")
+    else:  # a baseline registered without the save/load mixin
+        model = load_baseline(d / "model", factory if isinstance(factory, type) else None)
+    return name, meta, model
+
+
 def _cmd_predict(args) -> int:
     from ..utils import atomic_path
-    from .benchmark import ANNOTATORS
+    from .benchmark import check_unique_genes
 
-    d = Path(args.model_dir)
-    meta_path = d / "annotator.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{d} is not a folder written by 'biogen annotate train' (no annotator.json)")
-    meta = json.loads(meta_path.read_text())
-    factory = ANNOTATORS[meta["model"]]
-    if (d / "model").is_dir():
-        model = factory.load(d / "model")
-    else:
-        with open(d / "model.pkl", "rb") as f:
-            model = pickle.load(f)
-    adata = _read_h5ad(args.h5ad)
     out = Path(args.out)
     if out.resolve() == Path(args.h5ad).resolve():
-        raise ValueError("--out must differ from --h5ad: biogen never overwrites your input")
+        raise InputError("--out must differ from --h5ad: biogen never overwrites your input", path=out)
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputExistsError("exists", path=out, hint="choose another --out, or pass --overwrite to replace it")
+    name, meta, model = load_annotator(args.model_dir)
+    adata = _read_h5ad(args.h5ad)
+    check_unique_genes(adata, "query", path=args.h5ad)
     pred = model.predict(adata)
-    name = meta["model"]
     adata.obs[f"{name}_pred"] = pred.labels
     if pred.proba is not None:
         adata.obsm[f"{name}_proba"] = pred.proba
@@ -148,6 +173,7 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     import time
 
+    from ..errors import on_interrupt
     from .benchmark import BenchmarkConfig, run_benchmark
     from .datasets import pbmc68k
 
@@ -157,7 +183,8 @@ def _cmd_demo(args) -> int:
                              model_options=opts)
     t0 = time.perf_counter()
     adata = pbmc68k()
-    res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    with on_interrupt(lambda: _unchanged(args.out)):
+        res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"biogen demo: cell annotation on scanpy's bundled pbmc68k_reduced (700 cells, 10 bulk_labels), "
           f"{time.perf_counter() - t0:.0f} s\n")
     _print_table(res, args.out)
@@ -217,7 +244,8 @@ def add_cli(sub) -> None:
     t.add_argument("--model", required=True, help=f"model to train ({names})")
     _model_opts(t)
     t.add_argument("--out", required=True, help="folder to save the model in")
-    t.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder whole (once the "
+                   "new model is saved; nothing of the old one remains)")
     t.set_defaults(func=_cmd_train)
 
     q = s.add_parser("predict", help="annotate a new .h5ad with a saved model",

@@ -42,8 +42,7 @@ def _print_summary(res, out: Path) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    import pandas as pd
-
+    from .._io import read_csv
     from .analysis import check_output_dir, run_analysis
 
     cfg = _config(args)  # validates the options before reading anything
@@ -51,12 +50,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     sources = {}
     for path in args.csv:
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"--csv {path}: no such file")
         name = p.stem
         while name in sources:
             name += "_"
-        sources[name] = pd.read_csv(p)
+        sources[name] = read_csv(p, what="--csv file")
     if len(sources) > 1 and not cfg.keys:
         raise ValueError("several --csv files need --key columns to join them on")
     res = run_analysis(sources, cfg, args.out, overwrite=args.overwrite)

@@ -238,12 +238,12 @@ def test_checkpoint_round_trip_and_other_preset(cdm, tmp_path):
     z = torch.randn(2, LATENT)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     torch.testing.assert_close(cdm.sample(z, steps=2, generator=g()), m2.sample(z, steps=2, generator=g()))
-    with pytest.raises(ValueError, match="holds preset 'tiny', not the requested 'cpu'"):
+    with pytest.raises(ValueError, match="c.safetensors: holds preset 'tiny', not the requested 'cpu'"):
         RNACDM.load(path, preset="cpu")
     other = RNACDM(cascade_preset("cpu", LATENT))
     with pytest.raises(ValueError, match="another preset"):
         other.load_checked(cdm.state_dict(), source="tiny weights")
-    with pytest.raises(ValueError, match="not an RNA-CDM checkpoint"):
+    with pytest.raises(ValueError, match="v.safetensors: is not a RNA-CDM checkpoint .*biogen.rna_vae"):
         RNACDM.load(RNAEncoder(RNAVAE(RNAVAEConfig(3, hidden=(2,), latent_dim=1)), list("abc"),
                                np.zeros(3), np.ones(3)).save(tmp_path / "v.safetensors"))
 

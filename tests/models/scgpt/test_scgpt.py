@@ -70,7 +70,7 @@ def test_save_load_gives_identical_predictions(data, tmp_path):
     m.fit(epochs=1, batch_size=16, validation_fraction=0, progress=False)
     p1 = m.predict(a, copy=True)
     m.save(tmp_path / "model")
-    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "manifest.json", "model.safetensors", "vocab.json"]
     with pytest.raises(FileExistsError):
         m.save(tmp_path / "model")
     m2 = ScGPT.load(tmp_path / "model")

@@ -111,6 +111,8 @@ def _config_from_args(args):
 
 def _cmd_train(args) -> int:
     from ... import distributed as bdist
+    from ...checkpoint import checkpoint_note
+    from ...errors import on_interrupt, resume_command
     from ...utils import prepare_output_dir
 
     cfg = _config_from_args(args)
@@ -122,7 +124,8 @@ def _cmd_train(args) -> int:
     else:
         out = prepare_output_dir(args.out, overwrite=args.overwrite)
     bdist.barrier()  # every process has checked the folder before rank 0 writes into it
-    s = _train(args.data, out, cfg, dev, args.val_fraction, resume=args.resume)
+    with on_interrupt(lambda: checkpoint_note(out / "checkpoint", resume_command(args.argv))):
+        s = _train(args.data, out, cfg, dev, args.val_fraction, resume=args.resume)
     bdist.barrier()
     acc = s["classifier"].get("val_accuracy")
     print(f"trained on {s['n_train']} image(s), classes {s['classes']}; train accuracy "

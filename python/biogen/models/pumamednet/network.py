@@ -27,7 +27,6 @@ stop-gradient rule that out.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -470,32 +469,40 @@ class PumaMedNet(nn.Module):
         return out
 
     # -- persistence
+    FORMAT, FORMAT_VERSION = "biogen.pumamednet", 1
+
     def save(self, path: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into folder ``path``, each atomically."""
+        """Write ``model.safetensors``, ``config.json`` and ``manifest.json`` (sizes, checksums) into folder
+        ``path``; the folder is written beside it and swapped in whole."""
         from safetensors.torch import save_file
 
-        from ...utils import atomic_path, write_json
+        from ..._io import MANIFEST, replacing_dir, write_manifest
+        from ...utils import write_json
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(path / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        write_json(path / "config.json", {"model": "pumamednet", "config": self.cfg.to_dict(), "classes": self.classes})
+        with replacing_dir(path, overwrite=True, only_if=(MANIFEST, "model.safetensors")) as tmp:
+            save_file(state, str(tmp / "model.safetensors"))
+            write_json(tmp / "config.json", {"model": "pumamednet", "config": self.cfg.to_dict(),
+                                             "classes": self.classes})
+            write_manifest(tmp, self.FORMAT, self.FORMAT_VERSION)
         return path
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "PumaMedNet":
-        """Inverse of ``save``."""
-        from safetensors.torch import load_file
+        """Inverse of ``save``; the files are checked against the manifest first."""
+        from ..._io import load_safetensors, read_json, verify_folder
+        from ...errors import IncompatibleError
 
         path = Path(path)
-        for f in ("config.json", "model.safetensors"):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"{path} is not a saved PumaMedNet: missing {f}")
-        meta = json.loads((path / "config.json").read_text())
-        if meta.get("model") != "pumamednet":
-            raise ValueError(f"{path / 'config.json'} is not a PumaMedNet config (model={meta.get('model')!r})")
+        redo = "train it again with 'biogen pumamednet train'"
+        verify_folder(path, cls.FORMAT, version=cls.FORMAT_VERSION, what="PumaMedNet model folder", redo=redo)
+        meta = read_json(path / "config.json", what="PumaMedNet config", hint=redo)
         model = cls(PumaMedNetConfig.from_dict(meta["config"]), meta["classes"])
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(map_location)))
+        try:
+            model.load_state_dict(load_safetensors(path / "model.safetensors", device=str(map_location),
+                                                   what="PumaMedNet weights"))
+        except RuntimeError as exc:  # torch lists every mismatched tensor
+            raise IncompatibleError(f"does not fit its config.json ({exc})", path=path / "model.safetensors",
+                                    hint=redo) from exc
         return model.to(map_location).eval()

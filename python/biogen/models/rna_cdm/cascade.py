@@ -34,7 +34,6 @@ from torch import nn
 
 from ...diffusion import make_scheduler, sample as diffusion_sample
 from ...nn.unet import UNet, UNetConfig, UNET_PRESETS
-from ...utils import atomic_path
 
 __all__ = ["CASCADE_PRESETS", "CascadeConfig", "CascadeTrainConfig", "LatentTokens", "RNACDM", "cascade_preset",
            "train_cascade"]
@@ -350,33 +349,30 @@ class RNACDM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path, extra: Optional[dict] = None) -> Path:
-        """Weights (safetensors) with the config (and its preset name) as metadata; atomic."""
-        from safetensors.torch import save_file
+    FORMAT, FORMAT_VERSION = "biogen.rna_cdm", 1
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"kind": "biogen.rna_cdm", "config": json.dumps(asdict(self.config)), "extra": json.dumps(extra or {})}
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+    def save(self, path: str | Path, extra: Optional[dict] = None) -> Path:
+        """Weights (safetensors) with the config (and its preset name) as metadata, the format version and
+        a checksum of the tensors; atomic."""
+        from ..._io import save_safetensors
+
+        meta = {"config": json.dumps(asdict(self.config)), "extra": json.dumps(extra or {})}
+        return save_safetensors(self.state_dict(), path, fmt=self.FORMAT, version=self.FORMAT_VERSION, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, preset: Optional[str] = None, map_location: str = "cpu") -> "RNACDM":
-        """Load a checkpoint; with ``preset`` it must have been saved from that preset."""
-        from safetensors import safe_open
+        """Load a checkpoint; with ``preset`` it must have been saved from that preset. A truncated,
+        corrupt or foreign file is refused by name."""
+        from ..._io import load_safetensors_verified
+        from ...errors import IncompatibleError
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RNA-CDM checkpoint {path} does not exist")
-        with safe_open(str(path), framework="pt", device=map_location) as f:
-            meta = f.metadata() or {}
-            if meta.get("kind") != "biogen.rna_cdm":
-                raise ValueError(f"{path} is not an RNA-CDM checkpoint (kind={meta.get('kind')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        state, meta = load_safetensors_verified(path, fmt=cls.FORMAT, version=cls.FORMAT_VERSION,
+                                                what="RNA-CDM checkpoint", device=map_location,
+                                                redo="train it again with 'biogen rnacdm train'")
         cfg = CascadeConfig(**json.loads(meta["config"]))
         if preset is not None and cfg.preset != preset:
-            raise ValueError(f"checkpoint {path} holds preset {cfg.preset!r}, not the requested {preset!r}")
+            raise IncompatibleError(f"holds preset {cfg.preset!r}, not the requested {preset!r}", path=path,
+                                    hint=f"pass --preset {cfg.preset} or another checkpoint")
         model = cls(cfg)
         model.load_checked(state, source=str(path))
         model.extra = json.loads(meta.get("extra", "{}"))

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..._io import read_h5ad
 from ...cliargs import add_out, add_resume, add_seed, command_group
 
 __all__ = ["add_cli", "evaluate_generated", "run_demo"]
@@ -291,22 +292,23 @@ def _output_dir(args) -> Path:
 
 
 def _cmd_train_vae(args) -> int:
-    import anndata as ad
-
     from ... import distributed as bdist
+    from ...checkpoint import checkpoint_note
+    from ...errors import on_interrupt, resume_command
     from ...utils import write_json
     from .vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
     out = _output_dir(args)
-    adata = ad.read_h5ad(args.rna)
+    adata = read_h5ad(args.rna, what="--rna file")
     label = None if args.label_key == "none" else args.label_key
-    enc, hist = RNAEncoder.fit(
-        adata,
-        RNAVAEConfig(n_genes=adata.n_vars, hidden=tuple(args.hidden), latent_dim=args.latent, beta=args.beta),
-        VAETrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                       patience=args.patience, label_key=label, seed=args.seed),
-        log=print if args.verbose else None, checkpoint_dir=out / "checkpoint", resume=args.resume,
-    )
+    with on_interrupt(lambda: checkpoint_note(out / "checkpoint", resume_command(args.argv))):
+        enc, hist = RNAEncoder.fit(
+            adata,
+            RNAVAEConfig(n_genes=adata.n_vars, hidden=tuple(args.hidden), latent_dim=args.latent, beta=args.beta),
+            VAETrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           warmup_epochs=args.warmup_epochs, patience=args.patience, label_key=label, seed=args.seed),
+            log=print if args.verbose else None, checkpoint_dir=out / "checkpoint", resume=args.resume,
+        )
     if not bdist.is_main():
         return 0
     enc.save(out / "vae.safetensors")
@@ -334,7 +336,8 @@ def _cmd_train(args) -> int:
 
     out = _output_dir(args)
     enc = RNAEncoder.load(args.vae)
-    paired = load_paired(args.rna, args.tiles, sample_key=args.sample_key, allow_unmatched=args.allow_unmatched)
+    paired = load_paired(read_h5ad(args.rna, what="--rna file"), args.tiles, sample_key=args.sample_key,
+                         allow_unmatched=args.allow_unmatched)
     if args.resume:
         model = RNACDM.load(args.resume, preset=args.preset)
     else:
@@ -357,7 +360,6 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    import anndata as ad
     import torch
 
     from ...data.images import save_grid
@@ -369,7 +371,7 @@ def _cmd_sample(args) -> int:
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
     model = RNACDM.load(args.model, preset=args.preset)
-    adata = ad.read_h5ad(args.rna)
+    adata = read_h5ad(args.rna, what="--rna file")
     if args.samples:
         missing = [s for s in args.samples if s not in adata.obs_names]
         if missing:
@@ -403,7 +405,8 @@ def _cmd_evaluate(args) -> int:
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
     model = RNACDM.load(args.model, preset=args.preset)
-    paired = load_paired(args.rna, args.tiles, sample_key=args.sample_key, allow_unmatched=args.allow_unmatched,
+    paired = load_paired(read_h5ad(args.rna, what="--rna file"), args.tiles, sample_key=args.sample_key,
+                         allow_unmatched=args.allow_unmatched,
                          size=model.config.sr_size)
     z = enc.encode(paired.adata)
     intended = _intended_fractions(paired.adata, fractions_key=args.fractions_key)

@@ -435,33 +435,33 @@ class RNAEncoder:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path) -> Path:
-        """One safetensors file: weights + z-score stats as tensors, config + genes as metadata."""
-        from safetensors.torch import save_file
+    FORMAT, FORMAT_VERSION = "biogen.rna_vae", 1
 
-        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: weights + z-score stats as tensors, config + genes as metadata, with the
+        format version and a checksum of the tensors (:func:`biogen._io.save_safetensors`)."""
+        from ..._io import save_safetensors
+
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
         tensors["zscore.mean"] = torch.from_numpy(self.mean)
         tensors["zscore.std"] = torch.from_numpy(self.std)
-        meta = {"kind": "biogen.rna_vae", "config": json.dumps(asdict(self.module.config)), "genes": json.dumps(self.genes)}
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        meta = {"config": json.dumps(asdict(self.module.config)), "genes": json.dumps(self.genes)}
+        return save_safetensors(tensors, path, fmt=self.FORMAT, version=self.FORMAT_VERSION, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "RNAEncoder":
-        from safetensors import safe_open
+        """Inverse of :meth:`save`; a truncated, corrupt or foreign file is refused by name."""
+        from ..._io import load_safetensors_verified
+        from ...errors import IncompatibleError
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RNA VAE checkpoint {path} does not exist")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("kind") != "biogen.rna_vae":
-                raise ValueError(f"{path} is not an RNA VAE checkpoint (kind={meta.get('kind')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        redo = "train it again with 'biogen rnacdm train-vae'"
+        tensors, meta = load_safetensors_verified(path, fmt=cls.FORMAT, version=cls.FORMAT_VERSION,
+                                                  what="RNA VAE checkpoint", redo=redo)
         module = RNAVAE(RNAVAEConfig(**json.loads(meta["config"])))
-        module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        try:
+            module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        except RuntimeError as exc:  # torch lists every mismatched tensor
+            raise IncompatibleError(f"does not fit its own config ({exc})", path=path, hint=redo) from exc
         module.eval()
         return cls(module, json.loads(meta["genes"]), tensors["zscore.mean"].numpy(), tensors["zscore.std"].numpy())
 

@@ -112,8 +112,9 @@ def load_scbert_checkpoint(path_or_state: Union[str, dict], *, heads: int = 10, 
     heads : attention heads.
     **config_overrides : other :class:`ScBERTConfig` fields (dropouts, redraw_interval, backend ...).
     """
-    obj = torch.load(path_or_state, map_location="cpu", weights_only=True) \
-        if not isinstance(path_or_state, dict) else path_or_state
+    from ..._io import torch_load
+
+    obj = torch_load(path_or_state, what="scBERT checkpoint") if not isinstance(path_or_state, dict) else path_or_state
     sd = {_strip(k): v for k, v in _state_dict(obj).items()}
     names = map_scbert_keys(sd)
     need = ("token_emb.weight", "pos_emb.emb.weight", "norm.weight")

@@ -12,7 +12,6 @@ Token ids are remapped: biogen's :class:`~biogen.sc.GeneVocab` fixes ``<pad>`` =
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -138,11 +137,11 @@ def load_scgpt_checkpoint(path: str | os.PathLike, *, map_location: str | torch.
                               ("vocab.json", os.path.join(path, "vocab.json"))) if p is None or not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"scGPT checkpoint folder {path!r} lacks {missing}")
-    with open(os.path.join(path, "args.json"), encoding="utf-8") as f:
-        args = json.load(f)
-    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-        ref_vocab: dict = json.load(f)
-    ref_state = torch.load(weights, map_location=map_location, weights_only=True)
+    from ..._io import read_json, torch_load
+
+    args = read_json(os.path.join(path, "args.json"), what="scGPT args.json")
+    ref_vocab: dict = read_json(os.path.join(path, "vocab.json"), what="scGPT vocab.json")
+    ref_state = torch_load(weights, map_location=map_location, what="scGPT checkpoint")
     if not isinstance(ref_state, dict):
         raise ValueError(f"{weights}: expected a state dict, got {type(ref_state).__name__}")
     sd, ignored, unsupported = map_reference_keys(ref_state)

@@ -10,17 +10,19 @@ checkpoints, DDP) is :func:`biogen.models.singlecell.training.fit_loop`.
 from __future__ import annotations
 
 import copy as _copy
-import json
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..._io import MANIFEST, read_json, verify_folder, write_manifest
+from ...errors import IncompatibleError, MissingFileError
 from ...utils import write_json
-from .training import load_weights, save_weights
+from .training import CHECKPOINT_VERSION, load_weights, save_weights
 
 __all__ = ["SingleCellModel", "check_adata", "obs_column", "categories", "to_py"]
 
@@ -172,33 +174,50 @@ class SingleCellModel:
         self.vocab.save(os.path.join(folder, "vocab.json"))
 
     def save(self, path: str, overwrite: bool = False) -> None:
-        """Write ``model.safetensors``, ``config.json`` (config, label / batch categories, keys) and
-        ``vocab.json`` into folder ``path`` (each file atomically). An existing saved model there is
-        replaced only with ``overwrite=True``."""
+        """Write ``model.safetensors``, ``config.json`` (config, label / batch categories, keys),
+        ``vocab.json`` and ``manifest.json`` (their sizes and checksums) into folder ``path`` (each file
+        atomically). An existing saved model there is replaced only with ``overwrite=True``."""
         if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
             raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
         os.makedirs(path, exist_ok=True)
+        (Path(path) / MANIFEST).unlink(missing_ok=True)  # a save cut short then reads as incomplete
         save_weights(os.path.join(path, "model.safetensors"), self.module)
         self._write_meta(path)
+        write_manifest(path, self._FORMAT, CHECKPOINT_VERSION, files=list(self._MODEL_FILES), kind="model")
+
+    _MODEL_FILES = ("model.safetensors", "config.json", "vocab.json")
 
     @classmethod
     def load(cls, path: str, adata=None, device: Optional[Union[str, torch.device]] = None):
         """Load a model written by :meth:`save` (or a checkpoint folder of :meth:`fit`).
 
+        The files are checked against the folder's manifest first (folders saved before biogen wrote
+        manifests get the per-file checks only), so a truncated or damaged file is refused by name.
         ``adata`` (optional) becomes the default data of :meth:`predict` and of further training.
         """
         from biogen.sc import GeneVocab
 
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path} holds no config.json; is it a folder written by {cls.__name__}.save()?")
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        redo = f"save the model again with {cls.__name__}.save()"
+        folder = Path(path)
+        if not (folder / "config.json").exists() and not (folder / MANIFEST).exists():
+            raise MissingFileError(f"holds no config.json; is it a folder written by {cls.__name__}.save()?",
+                                   path=folder)
+        if (folder / MANIFEST).exists():
+            verify_folder(folder, cls._FORMAT, version=CHECKPOINT_VERSION, what=f"{cls._FORMAT} model folder",
+                          redo=redo)
+        else:  # an older folder: at least name a damaged vocabulary instead of a JSON traceback
+            read_json(folder / "vocab.json", what="gene vocabulary", hint=redo)
+        meta = read_json(folder / "config.json", what="model config", hint=redo)
         if meta.get("format") != cls._FORMAT:
-            raise ValueError(f"{cfg_path} is not a {cls._FORMAT} config")
+            raise IncompatibleError(f"is not a {cls._FORMAT} config (format {meta.get('format')!r})",
+                                    path=folder / "config.json", hint=f"pass a folder written by {cls.__name__}.save()")
         vocab = GeneVocab.load(os.path.join(path, "vocab.json"))
         module = cls._module_from_meta(meta)
-        module.load_state_dict(load_weights(os.path.join(path, "model.safetensors")))
+        try:
+            module.load_state_dict(load_weights(os.path.join(path, "model.safetensors")))
+        except RuntimeError as exc:  # torch lists every mismatched tensor
+            raise IncompatibleError(f"does not fit its config.json ({exc})", path=folder / "model.safetensors",
+                                    hint=redo) from exc
         self = cls.__new__(cls)
         self._restore(module, vocab, meta, device)
         self.module.eval()

@@ -21,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ... import distributed as bdist
+from ..._io import MANIFEST, load_safetensors, read_json, torch_load, verify_folder, write_manifest
+from ...errors import IncompatibleError, MissingFileError
 from ...utils import atomic_path, write_json
 
 __all__ = ["validation_split", "autocast", "check_train_args", "fit_loop", "save_weights", "load_weights", "atomic_write"]
@@ -84,6 +87,9 @@ def atomic_write(path: str, write) -> None:
         write(str(tmp))
 
 
+CHECKPOINT_VERSION = 1
+
+
 def save_weights(path: str, module: torch.nn.Module) -> None:
     """The module's state dict as safetensors, atomically."""
     from safetensors.torch import save_file
@@ -93,46 +99,54 @@ def save_weights(path: str, module: torch.nn.Module) -> None:
 
 
 def load_weights(path: str) -> dict:
-    from safetensors.torch import load_file
+    """A safetensors state dict; a missing, truncated or foreign file is refused by name."""
+    return load_safetensors(path, what="model weights")
 
-    return load_file(path)
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "config.json", "vocab.json", "trainer_state.json")
+_REDO = "start again without resume=True, or with another checkpoint_dir"
 
 
 def save_checkpoint(owner, folder: str, opt, state: dict) -> None:
-    """Weights, optimizer, the model's metadata, then the trainer state (its presence marks a complete
-    checkpoint); each file atomically."""
-    save_weights(os.path.join(folder, "model.safetensors"), owner.module)
-    atomic_write(os.path.join(folder, "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
-    owner._write_meta(folder)
-    write_json(os.path.join(folder, "trainer_state.json"), state)
+    """Weights, optimizer, the model's metadata, the trainer state, then a manifest of their sizes and
+    checksums; each file atomically. The folder may hold other files (the caller's data), so the files
+    are replaced one by one rather than the folder whole: the old manifest goes first, so a save cut
+    short is reported as incomplete on resume, never loaded as a mix of two epochs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    save_weights(str(folder / "model.safetensors"), owner.module)
+    atomic_write(str(folder / "optimizer.pt"), lambda tmp: torch.save(opt.state_dict(), tmp))
+    owner._write_meta(str(folder))
+    write_json(folder / "trainer_state.json", state)
+    write_manifest(folder, owner._FORMAT, CHECKPOINT_VERSION, files=list(CHECKPOINT_FILES), kind="checkpoint")
 
 
 def load_checkpoint(owner, folder: str, opt, objective: str) -> dict:
-    """Restore weights and optimizer from ``folder``; refuses a checkpoint of another objective or model
-    configuration with an error naming the difference."""
-    path = os.path.join(folder, "trainer_state.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"resume=True but {folder} holds no trainer_state.json")
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
+    """Restore weights and optimizer from ``folder`` after checking its manifest; refuses a checkpoint
+    of another objective or model configuration with an error naming the difference."""
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").exists() and not (folder / MANIFEST).exists():
+        raise MissingFileError("holds no training checkpoint (trainer_state.json is missing)", path=folder,
+                               hint="start without resume=True, or pass the checkpoint_dir of the earlier run")
+    verify_folder(folder, owner._FORMAT, version=CHECKPOINT_VERSION, what=f"{owner._FORMAT} checkpoint", redo=_REDO)
+    state = read_json(folder / "trainer_state.json", what="trainer state", hint=_REDO)
     if state.get("objective") != objective:
-        raise ValueError(f"checkpoint in {folder} is from objective {state.get('objective')!r}, not {objective!r}")
-    meta_path = os.path.join(folder, "config.json")
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        mine = json.loads(json.dumps(owner._meta()))  # the same JSON round trip as the saved file
-        diff = sorted(k for k in set(saved.get("config", {})) | set(mine["config"])
-                      if saved.get("config", {}).get(k) != mine["config"].get(k))
-        diff += [k for k in ("n_classes", "label_categories") if saved.get(k) != mine.get(k)]
-        if diff:
-            shown = ", ".join(f"{k}: {saved.get('config', saved).get(k)!r} vs {mine.get('config', mine).get(k)!r}"
-                              if k in mine["config"] else f"{k}: {saved.get(k)!r} vs {mine.get(k)!r}" for k in diff[:6])
-            raise ValueError(f"checkpoint in {folder} was trained with another model configuration "
-                             f"(checkpoint vs this model: {shown}); resume it with the same preset and data, "
-                             "or choose another checkpoint_dir")
-    owner.module.load_state_dict(load_weights(os.path.join(folder, "model.safetensors")))
-    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=owner.device, weights_only=True))
+        raise IncompatibleError(f"is a checkpoint of objective {state.get('objective')!r}, not {objective!r}",
+                                path=folder, hint=_REDO)
+    saved = read_json(folder / "config.json", what="model config", hint=_REDO)
+    mine = json.loads(json.dumps(owner._meta()))  # the same JSON round trip as the saved file
+    diff = sorted(k for k in set(saved.get("config", {})) | set(mine["config"])
+                  if saved.get("config", {}).get(k) != mine["config"].get(k))
+    diff += [k for k in ("n_classes", "label_categories") if saved.get(k) != mine.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get('config', saved).get(k)!r} vs {mine.get('config', mine).get(k)!r}"
+                          if k in mine["config"] else f"{k}: {saved.get(k)!r} vs {mine.get(k)!r}" for k in diff[:6])
+        raise IncompatibleError(f"was trained with another model configuration (checkpoint vs this model: {shown})",
+                                path=folder, hint="resume it with the same preset and data, or choose another "
+                                "checkpoint_dir")
+    owner.module.load_state_dict(load_weights(str(folder / "model.safetensors")))
+    opt.load_state_dict(torch_load(folder / "optimizer.pt", map_location=owner.device, what="optimizer state"))
     return state
 
 

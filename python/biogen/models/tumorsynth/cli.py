@@ -26,13 +26,16 @@ def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
 
 
 def _cmd_train(args) -> int:
-    from .training import TumorSynthConfig, train
+    from ...errors import on_interrupt, resume_command
+    from .training import TumorSynthConfig, checkpoint_note, train
 
     images, labels, classes = _load_images(args)
     config = TumorSynthConfig(generator=args.generator, image_size=args.image_size, batch_size=args.batch_size,
                               lr=args.lr, epochs=args.epochs, conditional=args.conditional, seed=args.seed,
                               n_classes=max(2, len(classes)), dropout=args.dropout)
-    res = train(images, labels, config=config, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    with on_interrupt(lambda: checkpoint_note(args.out, resume_command(args.argv))):
+        res = train(images, labels, config=config, out_dir=args.out, resume=args.resume,
+                    progress=not args.no_progress)
     last = res.history[-1] if res.history else None
     print(f"trained {len(res.history)} epoch(s) into {args.out}; best epoch by KID: {res.best_epoch}"
           + (f"; last KID {last.kid:.4f}, diversity {last.diversity:.2f}" if last else ""))
@@ -43,13 +46,14 @@ def _cmd_sample(args) -> int:
     import torch
 
     from ...data.images import save_grid
+    from ...errors import InputError
     from .training import load_generator, sample
 
     G, _ = load_generator(args.run, best=not args.last)
     labels = None
     if args.label is not None:
         if not G.n_classes:
-            raise ValueError("--label given but the model is not conditional")
+            raise InputError("--label given but the model is not conditional", path=args.run)
         labels = torch.full((args.n,), args.label, dtype=torch.long)
     imgs = sample(G, args.n, labels=labels, seed=args.seed)
     save_grid(imgs, args.out)

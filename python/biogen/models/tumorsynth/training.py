@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,30 +55,48 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+CHECKPOINT_FORMAT, GENERATOR_FORMAT, FORMAT_VERSION = "biogen.tumorsynth.checkpoint", "biogen.tumorsynth.generator", 1
+_REDO = "start the run again in a new --out folder"
+
+
 def _save_checkpoint(ckpt_root: Path, G, D, opt_g, opt_d, state: dict) -> None:
-    """Write the epoch's checkpoint as a folder swapped in whole, so ``last`` is never half-written."""
+    """Write the epoch's checkpoint into a new folder swapped in whole for ``last`` (never half-written),
+    with a manifest of sizes and checksums."""
     from safetensors.torch import save_file
 
-    new, last, old = ckpt_root / "last.new", ckpt_root / "last", ckpt_root / "last.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    save_file(_cpu_state(G), str(new / "generator.safetensors"))
-    save_file(_cpu_state(D), str(new / "discriminator.safetensors"))
-    torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, new / "optim.pt")
-    (new / "state.json").write_text(json.dumps(state, indent=2))
-    if last.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(last, old)
-    os.replace(new, last)
-    shutil.rmtree(old, ignore_errors=True)
+    from ..._io import replacing_dir, write_manifest
+
+    with replacing_dir(ckpt_root / "last", overwrite=True) as new:
+        save_file(_cpu_state(G), str(new / "generator.safetensors"))
+        save_file(_cpu_state(D), str(new / "discriminator.safetensors"))
+        torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}, new / "optim.pt")
+        (new / "state.json").write_text(json.dumps(state, indent=2))
+        write_manifest(new, CHECKPOINT_FORMAT, FORMAT_VERSION)
 
 
 def _find_checkpoint(ckpt_root: Path) -> Optional[Path]:
-    for name in ("last", "last.old"):  # last.old survives a crash between the two renames
-        p = ckpt_root / name
-        if (p / "state.json").is_file():
-            return p
-    return None
+    last = ckpt_root / "last"
+    if last.exists():
+        return last
+    # where the OS cannot swap two folders in one step, a crash between the two renames leaves it here
+    old = sorted(ckpt_root.glob(".last.old-*"))
+    return old[-1] if old else None
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """The trainer state of a checkpoint folder, after checking its files against the manifest."""
+    from ..._io import read_json, verify_folder
+
+    verify_folder(ckpt, CHECKPOINT_FORMAT, version=FORMAT_VERSION, what="TumorSynth checkpoint", redo=_REDO)
+    return read_json(ckpt / "state.json", what="TumorSynth trainer state", hint=_REDO)
+
+
+def checkpoint_note(out_dir: str | Path, resume: str) -> str:
+    """What an interrupted ``train`` kept in ``out_dir`` (for the Ctrl-C message)."""
+    from ...checkpoint import checkpoint_note as note
+
+    ckpt = _find_checkpoint(Path(out_dir) / "checkpoints") or Path(out_dir) / "checkpoints" / "last"
+    return note(ckpt, resume, verify=verify_checkpoint, epochs_done=lambda s: s["epoch"] + 1)
 
 
 def _plot_history(history: list[EpochRecord], path: Path) -> None:
@@ -154,7 +170,7 @@ def train(
     device : where to train; default :func:`biogen.distributed.device` (this rank's GPU, else CPU).
     """
     from ... import distributed as bdist
-    from safetensors.torch import load_file, save_file
+    from ..._io import save_safetensors
     from tqdm.auto import tqdm
 
     from ...data.images import save_grid
@@ -212,12 +228,21 @@ def train(
     if resume and found is None:
         log.info("no checkpoint under %s: starting from scratch", ckpt_root)
     if found is not None:
-        state = json.loads((found / "state.json").read_text())
+        from ..._io import load_safetensors, torch_load
+        from ...errors import IncompatibleError
+
+        state = verify_checkpoint(found)
         if state["config"] != asdict(config) | {"epochs": state["config"]["epochs"]}:
-            raise ValueError(f"checkpoint {found} was trained with another configuration: {state['config']}")
-        G.load_state_dict(load_file(str(found / "generator.safetensors")))
-        D.load_state_dict(load_file(str(found / "discriminator.safetensors")))
-        opt = torch.load(found / "optim.pt", weights_only=False, map_location=dev)
+            diff = {k: (v, asdict(config)[k]) for k, v in state["config"].items()
+                    if k != "epochs" and asdict(config).get(k) != v}
+            raise IncompatibleError(f"was trained with another configuration (checkpoint vs now: {diff})", path=found,
+                                    hint="resume with the same options, or train into a new --out folder")
+        try:
+            G.load_state_dict(load_safetensors(found / "generator.safetensors", what="generator weights"))
+            D.load_state_dict(load_safetensors(found / "discriminator.safetensors", what="discriminator weights"))
+        except RuntimeError as exc:  # torch lists every mismatched tensor
+            raise IncompatibleError(f"holds weights of another architecture ({exc})", path=found, hint=_REDO) from exc
+        opt = torch_load(found / "optim.pt", map_location=dev, what="optimizer state")
         opt_g.load_state_dict(opt["opt_g"])
         opt_d.load_state_dict(opt["opt_d"])
         result.history = [EpochRecord(**h) for h in state["history"]]
@@ -289,8 +314,8 @@ def train(
         kid = rec.kid
         save_grid(samples[:32], out_dir / f"samples_epoch_{epoch:03d}.png")
         if kid_is_best:
-            with atomic_path(out_dir / "best_generator.safetensors") as tmp:
-                save_file(_cpu_state(G), str(tmp))
+            save_safetensors(_cpu_state(G), out_dir / "best_generator.safetensors", fmt=GENERATOR_FORMAT,
+                             version=FORMAT_VERSION, metadata={"epoch": str(epoch)})
         state = {"epoch": epoch, "best_kid": best_kid, "best_epoch": result.best_epoch,
                  "config": asdict(config), "history": [asdict(h) for h in result.history],
                  "shuffle_rng": gen.get_state().tolist(), "extractor": extractor.name, "world_size": world}
@@ -305,18 +330,31 @@ def train(
 
 
 def load_generator(run_dir: str | Path, *, best: bool = True) -> tuple[nn.Module, TumorSynthConfig]:
-    """The generator of a training run (its best-KID epoch, or the last checkpoint)."""
-    from safetensors.torch import load_file
+    """The generator of a training run (its best-KID epoch, or the last checkpoint); every file is
+    checked (sizes, checksums) before it is loaded."""
+    from ..._io import load_safetensors, load_safetensors_verified
+    from ...errors import IncompatibleError, MissingFileError
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MissingFileError("is not a folder (pass the --out folder of 'biogen tumorsynth train')", path=run_dir)
     ckpt = _find_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} holds no TumorSynth checkpoint (checkpoints/last/state.json)")
-    config = TumorSynthConfig(**json.loads((ckpt / "state.json").read_text())["config"])
+        raise MissingFileError("holds no TumorSynth checkpoint (checkpoints/last is missing)", path=run_dir,
+                               hint="pass the --out folder of 'biogen tumorsynth train'")
+    config = TumorSynthConfig(**verify_checkpoint(ckpt)["config"])
     G, _ = build_models(config)
-    weights = run_dir / "best_generator.safetensors" if best and (run_dir / "best_generator.safetensors").is_file() \
-        else ckpt / "generator.safetensors"
-    G.load_state_dict(load_file(str(weights)))
+    best_path = run_dir / "best_generator.safetensors"
+    if best and best_path.exists():
+        weights, path = load_safetensors_verified(best_path, fmt=GENERATOR_FORMAT, version=FORMAT_VERSION,
+                                                  what="TumorSynth generator", redo=_REDO)[0], best_path
+    else:
+        path = ckpt / "generator.safetensors"
+        weights = load_safetensors(path, what="generator weights")
+    try:
+        G.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise IncompatibleError(f"does not fit the generator of {ckpt} ({exc})", path=path, hint=_REDO) from exc
     return G.eval(), config
 
 
