@@ -44,6 +44,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 DEFAULT_TESTS_K = "cuda or triton"
 # The smoke run's pytest selection: a few seconds of CPU kernel tests, to exercise the machinery.
 SMOKE_TESTS = ("tests/ops/test_runtime_dispatch.py", "-k", "device_guard")
@@ -325,8 +327,8 @@ def _step_case(name, shape, model, loss_fn, to64, device) -> Case:
 def training_step_cases(device, smoke: bool) -> list:
     """One training step of scGPT (generative objective: masked gene attention with unknown genes)
     and of scBERT (MLM logits of every position, cross-entropy)."""
-    from .models.scbert_module import ScBERTConfig, ScBERTModel
-    from .models.scgpt_module import ScGPTConfig, ScGPTModel
+    from .models.scbert.network import ScBERTConfig, ScBERTModel
+    from .models.scgpt.network import ScGPTConfig, ScGPTModel
 
     preset = "tiny" if smoke else "paper"
     B, L = (2, 64) if smoke else (8, 1200)
@@ -616,7 +618,7 @@ def _cmd(args: argparse.Namespace) -> int:
     try:
         report = run(args)
     except GpuCheckError as exc:
-        raise ValueError(str(exc)) from None
+        raise InputError(str(exc)) from None
     print(f"gpucheck: {'PASS' if report.ok else 'FAIL'}; report in {Path(args.out) / 'report.md'}")
     for f in report.failures:
         print(f"  {f}")
@@ -637,7 +639,7 @@ def main(argv: Optional[list] = None) -> int:
     args = p.parse_args(argv)
     try:
         return _cmd(args)
-    except ValueError as exc:
+    except InputError as exc:
         print(f"gpucheck: error: {exc}", file=sys.stderr)
         return 2
 
