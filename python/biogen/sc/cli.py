@@ -6,6 +6,9 @@ import json
 import pickle
 from pathlib import Path
 
+# The demo's repeats: enough paired splits for a t-test with 4 degrees of freedom, in ~3 min on 2 cores.
+DEMO_REPEATS = 5
+
 
 def _read_h5ad(path: str, backed: bool = False):
     import anndata as ad
@@ -52,12 +55,33 @@ def _config(args, models):
 
 
 def _print_table(result, out):
-    cols = ["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "cells_per_s",
-            "train_s", "peak_mem_mb"]
-    print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if result.summary is None:
+        cols = ["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "cells_per_s",
+                "train_s", "peak_mem_mb"]
+        print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    else:
+        s = result.summary
+        n = int(s["n"].iloc[0])
+        order = list(dict.fromkeys(result.metrics["model"]))
+        table = s.pivot(index="model", columns="metric", values="mean").loc[order, ["accuracy", "f1_macro",
+                                                                                    "f1_weighted", "train_s"]]
+        sd = s[s["metric"] == "f1_macro"].set_index("model").loc[order]
+        table.insert(2, "f1_macro_sd", sd["std"])
+        table.insert(3, "f1_macro_ci", [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(sd["ci_low"], sd["ci_high"])])
+        print(f"mean over {n} repeats (sd, 95 % interval of the mean macro F1):")
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        c = result.comparisons
+        sig = c[(c["metric"] == "f1_macro") & c["significant"]]
+        print("significant macro F1 differences (corrected paired t-test, Holm p < 0.05): "
+              + (", ".join(f"{r.a if r.mean_diff > 0 else r.b} > {r.b if r.mean_diff > 0 else r.a} "
+                           f"({abs(r.mean_diff):.3f}, p {r.p_holm:.2g})" for r in sig.itertuples()) or "none"))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"\nwrote {out}/ (report.md, metrics.csv, per_class.csv, split.csv, plots, predictions.h5ad)")
+    info = result.run_info
+    print(f"\n{info['wall_s']:.0f} s, peak RSS {info['peak_rss_mb']} MB, {info['torch_threads']} torch threads")
+    print(f"wrote {out}/ (report.md, metrics.csv, "
+          + ("summary.csv, comparisons.csv, " if result.summary is not None else "")
+          + "per_class.csv, split.csv, run.json, plots, predictions.h5ad)")
 
 
 def _models(arg):
@@ -71,7 +95,8 @@ def _cmd_benchmark(args) -> int:
 
     config = _config(args, _models(args.models))  # validates model names before reading the data
     adata = _read_h5ad(args.h5ad)
-    res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    res = run_benchmark(adata, config, args.out, repeats=args.repeats, overwrite=args.overwrite,
+                        progress=not args.no_progress)
     _print_table(res, args.out)
     return 0
 
@@ -157,11 +182,24 @@ def _cmd_demo(args) -> int:
                              model_options=opts)
     t0 = time.perf_counter()
     adata = pbmc68k()
-    res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    res = run_benchmark(adata, config, args.out, repeats=args.repeats, overwrite=args.overwrite,
+                        progress=not args.no_progress)
     print(f"biogen demo: cell annotation on scanpy's bundled pbmc68k_reduced (700 cells, 10 bulk_labels), "
-          f"{time.perf_counter() - t0:.0f} s\n")
+          f"{args.repeats} stratified 80/20 splits, {time.perf_counter() - t0:.0f} s\n")
     _print_table(res, args.out)
     return 0
+
+
+def _positive_int(v: str) -> int:
+    import argparse
+
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v!r}")
+    return n
 
 
 def _common(p, *, label=True):
@@ -180,6 +218,9 @@ def _filters(p):
     p.add_argument("--subset", nargs="+", metavar="COL=V1,V2", help="keep cells whose obs column has one of the values")
     p.add_argument("--test-size", type=float, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the split and the models (default 0)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="run the protocol N times with seeds SEED..SEED+N-1 "
+                   "(new split and model seeds each time, shared by all models) and compare the models pair by pair "
+                   "over the N splits (default 1)")
 
 
 def _model_opts(p):
@@ -237,6 +278,8 @@ def add_cli(sub) -> None:
     d.add_argument("--models", default="all", help=f"comma-separated models or 'all' (available: {names})")
     d.add_argument("--preset", default="small", help="transformer preset (default small)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--repeats", type=_positive_int, default=DEMO_REPEATS,
+                   help=f"splits x seeds to average and compare over (default {DEMO_REPEATS})")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(func=_cmd_demo)
