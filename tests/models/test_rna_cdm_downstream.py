@@ -1,0 +1,96 @@
+"""The synthetic-pretraining downstream test of RNA-CDM (issue 19, part 2), at tiny sizes."""
+
+import numpy as np
+import pytest
+
+from biogen.models.rna_cdm_downstream import (
+    DownstreamConfig,
+    downstream_markdown,
+    evaluate_downstream,
+    make_folds,
+    nested_fractions,
+    plot_downstream,
+)
+
+CLASSES = ("A", "B", "C")
+
+
+def planted(n_samples, tiles_per, amp, noise, seed, size=16):
+    """Tiles whose class is a bright band in one of three horizontal thirds, under Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([CLASSES[i % 3] for i in range(n_samples)], tiles_per)
+    groups = np.repeat([f"s{seed}_{i}" for i in range(n_samples)], tiles_per)
+    x = rng.normal(0, noise, (len(labels), 3, size, size)).astype(np.float32)
+    band = size // 3
+    for i, lab in enumerate(labels):
+        k = CLASSES.index(lab)
+        x[i, :, k * band:(k + 1) * band, :] += amp
+    return np.clip(x, -1, 1), labels, groups
+
+
+CFG = dict(folds=3, fractions=(0.1, 1.0), epochs=3, pretrain_epochs=8, batch_size=16, width=8, seed=0)
+
+
+def test_folds_are_grouped_disjoint_and_cover_every_tile():
+    _, labels, groups = planted(24, 3, 0.5, 0.3, 0)
+    folds = make_folds(groups, labels, 4, seed=1)
+    tests = np.concatenate([te for _, te in folds])
+    assert sorted(tests) == list(range(len(labels)))  # each tile in exactly one test set
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+        assert set(labels[te]) == set(CLASSES)  # stratified: 6 samples per fold, 2 of each class
+    sub = nested_fractions(folds[0][0], groups, labels, (0.1, 0.5, 1.0), seed=3)
+    s = {f: set(groups[ix]) for f, ix in sub.items()}
+    assert s[0.1] <= s[0.5] <= s[1.0] == set(groups[folds[0][0]])
+    assert {labels[groups == g][0] for g in s[0.1]} == set(CLASSES)  # every class kept
+    assert len(s[0.5]) == 9  # ceil(0.5 * 18 training samples)
+
+
+def test_planted_signal_in_generated_tiles_is_recovered(tmp_path):
+    real_x, real_y, real_g = planted(30, 2, amp=0.6, noise=0.6, seed=1)
+    syn_x, syn_y, _ = planted(45, 2, amp=0.6, noise=0.6, seed=2)
+    res = evaluate_downstream(real_x, real_y, real_g, syn_x, syn_y, DownstreamConfig(**CFG))
+    # the same folds for every arm, each fold's test tiles disjoint from the others
+    tests = [set(f["test_index"]) for f in res.folds]
+    assert sum(map(len, tests)) == len(real_y) and set().union(*tests) == set(range(len(real_y)))
+    assert len(res.scores) == 3 * 2 * 3  # folds x fractions x arms
+    for f in res.folds:
+        test_samples = set(real_g[f["test_index"]])
+        assert all(not set(v) & test_samples for v in f["train_samples"].values())
+    mean = {(s["arm"], s["fraction"]): s["mean"] for s in res.summary if s["metric"] == "f1_macro"}
+    assert mean[("synthetic", 0.1)] > 0.8  # generated tiles alone carry the label onto real tiles
+    assert mean[("pretrained", 0.1)] > mean[("scratch", 0.1)]  # with 1-2 real samples per class
+    # summaries equal the fold scores they summarise
+    f1 = [s["f1_macro"] for s in res.scores if s["arm"] == "scratch" and s["fraction"] == 1.0]
+    assert mean[("scratch", 1.0)] == pytest.approx(np.mean(f1))
+    comp = [c for c in res.comparisons if c["fraction"] == 0.1 and c["metric"] == "f1_macro"]
+    assert {(c["a"], c["b"]) for c in comp} == {("scratch", "pretrained"), ("scratch", "synthetic"),
+                                               ("pretrained", "synthetic")}
+    plot_downstream(res, tmp_path / "downstream.png")
+    assert (tmp_path / "downstream.png").stat().st_size > 1000
+    assert "pretrained vs synthetic" in downstream_markdown(res)
+
+
+def test_generated_tiles_without_the_label_teach_nothing():
+    real_x, real_y, real_g = planted(30, 2, amp=0.6, noise=0.6, seed=1)
+    syn_x, syn_y, _ = planted(45, 2, amp=0.6, noise=0.6, seed=2)
+    shuffled = np.random.default_rng(0).permutation(syn_y)
+    res = evaluate_downstream(real_x, real_y, real_g, syn_x, shuffled, DownstreamConfig(**CFG))
+    acc = [s["mean"] for s in res.summary if s["arm"] == "synthetic" and s["metric"] == "accuracy"]
+    assert max(acc) < 0.6  # chance is 1/3
+
+
+def test_reproducible_and_bad_input_refused():
+    real_x, real_y, real_g = planted(12, 2, amp=0.6, noise=0.3, seed=1)
+    cfg = DownstreamConfig(folds=2, fractions=(1.0,), epochs=1, pretrain_epochs=1, width=4)
+    a = evaluate_downstream(real_x, real_y, real_g, real_x[:6], real_y[:6], cfg)
+    b = evaluate_downstream(real_x, real_y, real_g, real_x[:6], real_y[:6], cfg)
+    assert a.scores == b.scores
+    with pytest.raises(ValueError, match="absent from the real"):
+        evaluate_downstream(real_x, real_y, real_g, real_x[:2], np.array(["A", "Z"]), cfg)
+    with pytest.raises(ValueError, match="resize"):
+        evaluate_downstream(real_x, real_y, real_g, real_x[:2, :, :8, :8], real_y[:2], cfg)
+    with pytest.raises(ValueError, match="at least 5 samples, got 4"):
+        make_folds(real_g[:8], real_y[:8], 5, 0)
+    with pytest.raises(ValueError, match="fractions"):
+        DownstreamConfig(fractions=(0.0, 1.0))
