@@ -86,6 +86,10 @@ def test_reproducible_and_bad_input_refused():
     a = evaluate_downstream(real_x, real_y, real_g, real_x[:6], real_y[:6], cfg)
     b = evaluate_downstream(real_x, real_y, real_g, real_x[:6], real_y[:6], cfg)
     assert a.scores == b.scores
+    # generated tiles conditioned on a fold's test samples never pretrain that fold
+    c = evaluate_downstream(real_x, real_y, real_g, real_x, real_y, cfg, synth_groups=real_g)
+    for f in c.folds:
+        assert f["n_generated_tiles"] == len(real_y) - len(f["test_index"])
     with pytest.raises(ValueError, match="absent from the real"):
         evaluate_downstream(real_x, real_y, real_g, real_x[:2], np.array(["A", "Z"]), cfg)
     with pytest.raises(ValueError, match="resize"):
@@ -94,3 +98,31 @@ def test_reproducible_and_bad_input_refused():
         make_folds(real_g[:8], real_y[:8], 5, 0)
     with pytest.raises(ValueError, match="fractions"):
         DownstreamConfig(fractions=(0.0, 1.0))
+
+
+def test_run_downstream_with_a_tiny_cascade_on_toy_tissue(tmp_path):
+    """The wiring the demo and `rnacdm evaluate --downstream` use: generate, label, evaluate, write."""
+    import torch
+
+    from biogen.data.toy_tissue import CELL_TYPES, ToyTissueConfig, simulate_toy_tissue
+    from biogen.models.rna_cdm import RNACDM, cascade_preset
+    from biogen.models.rna_cdm_downstream import run_downstream, simulator_labels
+
+    toy = simulate_toy_tissue(9, 2, ToyTissueConfig(tile_size=32), seed=0)
+    dom = simulator_labels(toy.adata, "dominant_cell_type")
+    assert list(dom) == [CELL_TYPES[i] for i in toy.adata.obsm["fractions"].argmax(1)]
+    with pytest.raises(KeyError, match="neither"):
+        simulator_labels(toy.adata, "tissue")
+    labels = simulator_labels(toy.adata, "cancer_type")
+    real = toy.tiles.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    groups = np.repeat(toy.sample_ids, 2)
+    torch.manual_seed(0)
+    model = RNACDM(cascade_preset("tiny", 4))
+    z = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    cfg = DownstreamConfig(folds=3, fractions=(0.5, 1.0), epochs=1, pretrain_epochs=1, width=4)
+    d = run_downstream(model, z, labels, toy.sample_ids, real, np.repeat(labels, 2), groups, tmp_path, cfg,
+                       per_sample=1, steps=2, sr_steps=2)
+    assert d["generated_tiles"] == 9 and len(d["scores"]) == 3 * 2 * 3
+    # tiles generated from a fold's test samples (same ids as the real ones here) are left out
+    assert all(f["n_generated_tiles"] == 9 - len(f["test_index"]) // 2 for f in d["folds"])
+    assert (tmp_path / "downstream.png").is_file() and "scratch" in (tmp_path / "downstream.md").read_text()

@@ -46,8 +46,8 @@ def test_rf_and_svm_are_scikit_learn_on_the_logreg_features(adata):
 
     train, test = adata[:180].copy(), adata[180:].copy()
     y = train.obs["cell_type"].to_numpy()
-    for ann, est in ((bm.RandomForestAnnotator(n_estimators=50, seed=3),
-                      RandomForestClassifier(n_estimators=50, max_features="sqrt", random_state=3, n_jobs=1)),
+    for ann, est in ((bm.RandomForestAnnotator(n_estimators=20, seed=3),
+                      RandomForestClassifier(n_estimators=20, max_features="sqrt", random_state=3, n_jobs=1)),
                      (bm.LinearSVMAnnotator(C=0.05), LinearSVC(C=0.05, max_iter=5000, random_state=0))):
         ann.fit(train, "cell_type")
         feats = bm._LogNormHVG(2000)
@@ -77,7 +77,7 @@ def test_donor_splits_differ_per_seed_and_never_share_a_donor(adata):
 
 def test_repeats_share_splits_across_models_and_summaries_match(adata, tmp_path, with_majority):
     cfg = BenchmarkConfig(label_key="cell_type", models=("logreg", "svm", "majority"), seed=7)
-    res = run_benchmark(adata, cfg, tmp_path / "out", repeats=4, progress=False)
+    res = run_benchmark(adata, cfg, repeats=4, progress=False)
     m = res.metrics
     assert len(m) == 12 and sorted(set(m["repeat"])) == [0, 1, 2, 3] and set(m["seed"]) == {7, 8, 9, 10}
     # every model of a repeat saw the same split; the splits differ between repeats
@@ -97,23 +97,14 @@ def test_repeats_share_splits_across_models_and_summaries_match(adata, tmp_path,
     d = wide["logreg"] - wide["majority"]
     assert c.loc[("logreg", "majority"), "mean_diff"] == pytest.approx(d.mean())
     assert c.loc[("logreg", "majority"), "win_rate"] == 1.0
-    # the planted difference (a real model vs the majority label) is significant and the report says so
+    # the planted difference (a real model vs the majority label) is significant
     assert c.loc[("logreg", "majority"), "significant"]
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert "**logreg** beats majority" in report
-    for f in ("metrics.csv", "summary.csv", "comparisons.csv", "f1_repeats.png", "run.json", "per_class.csv",
-              "predictions.h5ad", "confusion_svm.png"):
-        assert (tmp_path / "out" / f).is_file(), f
-    assert len(pd.read_csv(tmp_path / "out" / "metrics.csv")) == 12
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run["seed"] == 7 and run["repeats"] == 4 and run["wall_s"] > 0 and run["peak_rss_mb"] > 0
-    assert {"python", "numpy", "scikit-learn", "biogen"} <= set(run["versions"]) and run["cpu_count"] >= 1
-    for key in ("seed: 7", "hardware:", "threads:", "versions:", "wall time:", "peak memory"):
-        assert key in report
+    assert res.run_info["seed"] == 7 and res.run_info["repeats"] == 4
 
 
 def test_repeated_runs_are_reproducible(adata):
-    cfg = BenchmarkConfig(label_key="cell_type", donor_key="donor", models=("logreg", "rf"), seed=1)
+    cfg = BenchmarkConfig(label_key="cell_type", donor_key="donor", models=("logreg", "rf"), seed=1,
+                          model_options={"rf": {"n_estimators": 20}})
     a = run_benchmark(adata, cfg, repeats=2, progress=False)
     b = run_benchmark(adata, cfg, repeats=2, progress=False)
     cols = ["model", "repeat", "seed", "accuracy", "f1_macro", "n_train", "n_test"]
@@ -121,7 +112,7 @@ def test_repeated_runs_are_reproducible(adata):
     pd.testing.assert_frame_equal(a.split, b.split)
 
 
-def test_cli_repeats(adata, tmp_path, capsys):
+def test_cli_repeats_writes_the_report(adata, tmp_path, capsys, with_majority):
     path = tmp_path / "ref.h5ad"
     adata.write_h5ad(path)
     base = ["annotate", "benchmark", "--h5ad", str(path), "--label-key", "cell_type", "--no-progress"]
@@ -129,7 +120,25 @@ def test_cli_repeats(adata, tmp_path, capsys):
         main(base + ["--models", "logreg", "--repeats", "0", "--out", str(tmp_path / "o0")])
     assert "--repeats: expected an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o0").exists()
-    assert main(base + ["--models", "logreg,svm", "--repeats", "3", "--out", str(tmp_path / "o")]) == 0
-    out = capsys.readouterr().out
-    assert "mean over 3 repeats" in out and "significant macro F1 differences" in out
-    assert len(pd.read_csv(tmp_path / "o" / "metrics.csv")) == 6
+    out = tmp_path / "o"
+    assert main(base + ["--models", "logreg,svm,majority", "--repeats", "3", "--seed", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mean over 3 repeats" in printed and "logreg > majority" in printed
+    for f in ("metrics.csv", "summary.csv", "comparisons.csv", "f1_repeats.png", "run.json", "per_class.csv",
+              "predictions.h5ad", "confusion_svm.png", "report.md"):
+        assert (out / f).is_file(), f
+    m = pd.read_csv(out / "metrics.csv")
+    assert len(m) == 9 and set(m["repeat"]) == {0, 1, 2}
+    comps = pd.read_csv(out / "comparisons.csv")
+    sig = comps[(comps["metric"] == "f1_macro") & comps["significant"]]
+    report = (out / "report.md").read_text()
+    assert "**logreg** beats majority" in report
+    for r in sig.itertuples():  # the report names exactly the significant pairs
+        winner, loser = (r.a, r.b) if r.mean_diff > 0 else (r.b, r.a)
+        assert f"**{winner}** beats {loser}" in report
+    assert report.count(" beats ") == len(sig)
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 5 and run["repeats"] == 3 and run["wall_s"] > 0 and run["peak_rss_mb"] > 0
+    assert {"python", "numpy", "scikit-learn", "biogen"} <= set(run["versions"]) and run["cpu_count"] >= 1
+    for key in ("seed: 5", "hardware:", "threads:", "versions:", "wall time:", "peak memory"):
+        assert key in report

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 __all__ = ["DownstreamConfig", "DownstreamResult", "make_folds", "nested_fractions", "evaluate_downstream",
-           "plot_downstream", "downstream_markdown", "ARMS"]
+           "plot_downstream", "downstream_markdown", "run_downstream", "simulator_labels", "ARMS"]
 
 ARMS = ("scratch", "pretrained", "synthetic")
 
@@ -74,6 +74,24 @@ class DownstreamResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def simulator_labels(adata, kind: str = "cancer_type") -> np.ndarray:
+    """Per-sample class names: ``"cancer_type"`` (``obs["cancer_type"]``) or ``"dominant_cell_type"``
+    (the largest of the simulator's true fractions, ``obsm["fractions"]``, named by ``uns["cell_types"]``
+    or :data:`~biogen.data.toy_tissue.CELL_TYPES`); any other obs column is taken as is."""
+    from ..data.toy_tissue import CELL_TYPES
+
+    if kind == "dominant_cell_type":
+        if "fractions" not in adata.obsm:
+            raise KeyError("dominant_cell_type needs the simulator's obsm['fractions']; "
+                           f"this AnnData has obsm keys {list(adata.obsm.keys())}")
+        names = list(adata.uns.get("cell_types", CELL_TYPES))
+        return np.asarray(names, dtype=object)[np.asarray(adata.obsm["fractions"]).argmax(1)].astype(str)
+    if kind not in adata.obs:
+        raise KeyError(f"label {kind!r} is neither 'dominant_cell_type' nor an obs column "
+                       f"(columns: {list(adata.obs.columns)})")
+    return adata.obs[kind].astype(str).to_numpy()
 
 
 def make_folds(groups: np.ndarray, labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -163,13 +181,15 @@ def _check_tiles(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_downstream(real_tiles, real_labels, real_groups, synth_tiles, synth_labels,
-                        config: Optional[DownstreamConfig] = None, *,
+                        config: Optional[DownstreamConfig] = None, *, synth_groups=None,
                         log: Optional[Callable[[str], None]] = None) -> DownstreamResult:
     """Run the three arms on the same folds of real tiles (see the module docstring).
 
     real_tiles: (n, 3, S, S) float in [-1, 1]; real_labels: (n,) class names; real_groups: (n,)
     sample id per tile; synth_tiles: (m, 3, S, S); synth_labels: (m,) class names (a subset of the
-    real classes' names is fine; a class unknown to the real data is an error).
+    real classes' names is fine; a class unknown to the real data is an error); synth_groups:
+    optional (m,) id of the sample whose RNA conditioned each generated tile: a fold then pretrains
+    only on tiles generated from samples outside its test set (no test sample's RNA leaks in).
     """
     from ..metrics.paired import compare_all, mean_interval
 
@@ -180,6 +200,9 @@ def evaluate_downstream(real_tiles, real_labels, real_groups, synth_tiles, synth
     groups = np.asarray(real_groups)
     if len(groups) != len(xr):
         raise ValueError(f"real_groups has {len(groups)} entries for {len(xr)} tiles")
+    sg = None if synth_groups is None else np.asarray(synth_groups)
+    if sg is not None and len(sg) != len(xs):
+        raise ValueError(f"synth_groups has {len(sg)} entries for {len(xs)} generated tiles")
     if xr.shape[1:] != xs.shape[1:]:
         raise ValueError(f"real tiles are {xr.shape[1:]} but generated tiles {xs.shape[1:]}: resize one set")
     classes = sorted(set(map(str, yr_names)))
@@ -201,8 +224,12 @@ def evaluate_downstream(real_tiles, real_labels, real_groups, synth_tiles, synth
         fold_info.append({"fold": f, "test_index": te.tolist(),
                           "train_samples": {str(fr): sorted(map(str, np.unique(groups[ix])))
                                             for fr, ix in subsets.items()}})
-        synth = _train(xs, ys, k, epochs=cfg.pretrain_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+        use = np.ones(len(xs), bool) if sg is None else ~np.isin(sg, groups[te])
+        if not use.any():
+            raise ValueError(f"fold {f}: every generated tile comes from a test sample of the fold")
+        synth = _train(xs[use], ys[use], k, epochs=cfg.pretrain_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
                        width=cfg.width)
+        fold_info[-1]["n_generated_tiles"] = int(use.sum())
         init = {n: v.clone() for n, v in synth.state_dict().items()}
         syn_scores = _scores(yr[te], _predict(synth, xr[te]), k)
         for frac, ix in subsets.items():
@@ -288,3 +315,34 @@ def downstream_markdown(result: DownstreamResult) -> str:
         "Paired comparisons over the folds (macro F1; corrected resampled t-test with n_test/n_train = "
         f"1/{k - 1}, Holm-adjusted over the three pairs of each fraction; Wilcoxon signed-rank beside it):", "",
         _md_table(comp), "", "![downstream](downstream.png)", ""])
+
+
+def run_downstream(model, z, labels, groups, real_tiles, real_labels, real_groups, out: str | Path,
+                   config: Optional[DownstreamConfig] = None, *, per_sample: int = 2, steps: int = 25,
+                   sr_steps: Optional[int] = None, guidance_scale: float = 3.0, seed: int = 0,
+                   log: Optional[Callable[[str], None]] = None) -> dict:
+    """Generate ``per_sample`` tiles for each latent of ``z: (n_samples, latent_dim)`` with the
+    cascade ``model``, label them with ``labels: (n_samples,)``, run :func:`evaluate_downstream`
+    against the real tiles (pretraining of each fold skips tiles generated from its test samples,
+    matched through ``groups: (n_samples,)`` and ``real_groups``), and write ``downstream.png`` and
+    ``downstream.md`` into ``out``. Returns the JSON-ready result (for ``metrics.json``)."""
+    import time
+
+    from .rna_cdm_cli import evaluate_generated
+
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    log(f"downstream: generating {per_sample} tiles for each of {len(z)} samples")
+    gen = evaluate_generated(model, z, None, tiles_per_sample=per_sample, steps=steps, sr_steps=sr_steps,
+                             guidance_scale=guidance_scale, seed=seed)["tiles"]
+    gen_s = time.perf_counter() - t0
+    cfg = config or DownstreamConfig(seed=seed)
+    res = evaluate_downstream(real_tiles, real_labels, real_groups, gen, np.repeat(np.asarray(labels), per_sample),
+                              cfg, synth_groups=np.repeat(np.asarray(groups), per_sample), log=log)
+    out = Path(out)
+    plot_downstream(res, out / "downstream.png")
+    (out / "downstream.md").write_text("# Does pretraining on generated tiles help?\n\n" + downstream_markdown(res))
+    d = res.as_dict()
+    d["seconds"] = {"generate": gen_s, "total": time.perf_counter() - t0}
+    d["generated_tiles"] = int(len(gen))
+    return d
