@@ -80,7 +80,7 @@ def simulator_labels(adata, kind: str = "cancer_type") -> np.ndarray:
     """Per-sample class names: ``"cancer_type"`` (``obs["cancer_type"]``) or ``"dominant_cell_type"``
     (the largest of the simulator's true fractions, ``obsm["fractions"]``, named by ``uns["cell_types"]``
     or :data:`~biogen.data.toy_tissue.CELL_TYPES`); any other obs column is taken as is."""
-    from ..data.toy_tissue import CELL_TYPES
+    from ...data.toy_tissue import CELL_TYPES
 
     if kind == "dominant_cell_type":
         if "fractions" not in adata.obsm:
@@ -135,7 +135,7 @@ def _train(x: np.ndarray, y: np.ndarray, n_classes: int, *, epochs: int, lr: flo
     """A DomainCNN trained (Adam, cross-entropy) on x: (n, 3, S, S), y: (n,); from ``init`` if given."""
     import torch
 
-    from ..metrics.generative import DomainCNN
+    from ...metrics.generative import DomainCNN
 
     torch.manual_seed(seed)
     model = DomainCNN(x.shape[1], n_classes, width=width)
@@ -191,7 +191,7 @@ def evaluate_downstream(real_tiles, real_labels, real_groups, synth_tiles, synth
     optional (m,) id of the sample whose RNA conditioned each generated tile: a fold then pretrains
     only on tiles generated from samples outside its test set (no test sample's RNA leaks in).
     """
-    from ..metrics.paired import compare_all, mean_interval
+    from ...metrics.paired import compare_all, mean_interval
 
     cfg = config or DownstreamConfig()
     log = log or (lambda msg: None)
@@ -261,7 +261,7 @@ def evaluate_downstream(real_tiles, real_labels, real_groups, synth_tiles, synth
 
 def plot_downstream(result: DownstreamResult, path: str | Path, metric: str = "f1_macro") -> None:
     """Mean ``metric`` (95 % interval) per arm against the real-data fraction, folds as faint dots."""
-    from ..sc.benchmark import _plt, _save
+    from ...sc.benchmark import _plt, _save
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -285,7 +285,7 @@ def plot_downstream(result: DownstreamResult, path: str | Path, metric: str = "f
 
 def downstream_markdown(result: DownstreamResult) -> str:
     """The report section: the table per arm and fraction, and the paired comparisons (macro F1)."""
-    from ..sc.benchmark import _md_table
+    from ...sc.benchmark import _md_table
     import pandas as pd
 
     s = pd.DataFrame(result.summary)
@@ -328,7 +328,7 @@ def run_downstream(model, z, labels, groups, real_tiles, real_labels, real_group
     ``downstream.md`` into ``out``. Returns the JSON-ready result (for ``metrics.json``)."""
     import time
 
-    from .rna_cdm_cli import evaluate_generated
+    from .cli import evaluate_generated
 
     log = log or (lambda msg: None)
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from biogen.models.rna_cdm_downstream import (
+from biogen.models.rna_cdm.downstream import (
     DownstreamConfig,
     downstream_markdown,
     evaluate_downstream,
@@ -106,7 +106,7 @@ def test_run_downstream_with_a_tiny_cascade_on_toy_tissue(tmp_path):
 
     from biogen.data.toy_tissue import CELL_TYPES, ToyTissueConfig, simulate_toy_tissue
     from biogen.models.rna_cdm import RNACDM, cascade_preset
-    from biogen.models.rna_cdm_downstream import run_downstream, simulator_labels
+    from biogen.models.rna_cdm.downstream import run_downstream, simulator_labels
 
     toy = simulate_toy_tissue(9, 2, ToyTissueConfig(tile_size=32), seed=0)
     dom = simulator_labels(toy.adata, "dominant_cell_type")
@@ -126,3 +126,32 @@ def test_run_downstream_with_a_tiny_cascade_on_toy_tissue(tmp_path):
     # tiles generated from a fold's test samples (same ids as the real ones here) are left out
     assert all(f["n_generated_tiles"] == 9 - len(f["test_index"]) // 2 for f in d["folds"])
     assert (tmp_path / "downstream.png").is_file() and "scratch" in (tmp_path / "downstream.md").read_text()
+
+
+def test_cli_evaluate_downstream(tmp_path, capsys):
+    import json
+
+    from biogen.cli import main
+    from biogen.data.toy_tissue import ToyTissueConfig, simulate_toy_tissue
+
+    toy = simulate_toy_tissue(12, 2, ToyTissueConfig(n_genes=60, markers_per_type=4, tile_size=32), seed=0)
+    toy.write(tmp_path / "rna.h5ad", tmp_path / "tiles")
+    rna, tiles = str(tmp_path / "rna.h5ad"), str(tmp_path / "tiles")
+    assert main(["rnacdm", "train-vae", "--rna", rna, "--out", str(tmp_path / "vae"), "--hidden", "16", "--latent",
+                 "4", "--epochs", "2", "--batch-size", "8", "--plot", "none"]) == 0
+    vae = str(tmp_path / "vae" / "vae.safetensors")
+    assert main(["rnacdm", "train", "--rna", rna, "--tiles", tiles, "--vae", vae, "--preset", "tiny", "--steps", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "cdm")]) == 0
+    model = str(tmp_path / "cdm" / "cascade.safetensors")
+    ev = ["rnacdm", "evaluate", "--model", model, "--vae", vae, "--rna", rna, "--tiles", tiles, "--steps", "2",
+          "--per-sample", "1", "--downstream", "--folds", "3", "--fractions", "0.5", "1", "--downstream-epochs", "1",
+          "--downstream-label", "dominant_cell_type"]
+    # bad options are refused before any work
+    assert main(ev + ["--fractions", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "fractions" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(ev + ["--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    d = m["downstream"]
+    assert len(d["scores"]) == 3 * 2 * 3 and d["generated_tiles"] == 12
+    assert set(d["classes"]) <= {"tumour", "lymphocyte", "connective", "dead", "normal"}
+    assert (tmp_path / "ev" / "downstream.png").is_file() and (tmp_path / "ev" / "downstream.md").is_file()
