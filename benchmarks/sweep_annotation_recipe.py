@@ -1,7 +1,9 @@
 """The small sweep behind the annotation recipes of ``biogen demo`` (the ``small`` presets of the
 scGPT- and scBERT-style annotators and the linear SVM's C).
 
-Run:  python benchmarks/sweep_annotation_recipe.py --out sweep/   (about 10 min on 2 idle cores)
+Run:  python benchmarks/sweep_annotation_recipe.py --out sweep/
+(8 transformer fits of ~30 s each on 2 idle cores, plus the fast baselines; not yet run to
+completion: see the README)
 
 The demo scores every cell of pbmc68k_reduced in some repeat, so no recipe can be chosen on its
 cells without choosing on test cells. The sweep runs instead on a synthetic data set of the demo's

@@ -236,8 +236,9 @@ class RandomForestAnnotator(_SklearnOnHVG):
 
 class LinearSVMAnnotator(_SklearnOnHVG):
     """Linear support-vector machine (one-vs-rest, squared hinge) on the logistic regression's
-    features. It gives labels, not probabilities (``Prediction.proba`` is None). C = 0.01 came from
-    ``benchmarks/sweep_annotation_recipe.py`` (held-out synthetic data)."""
+    features. It gives labels, not probabilities (``Prediction.proba`` is None). C = 0.01: a thousand
+    standardised genes and a few hundred cells want strong regularisation (the logistic regression's
+    C is 0.1 for the same reason); ``benchmarks/sweep_annotation_recipe.py`` compares 0.001 to 1."""
 
     name = "svm"
 
