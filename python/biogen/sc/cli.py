@@ -238,7 +238,8 @@ def add_cli(sub) -> None:
     b = s.add_parser("benchmark", help="compare annotators on a reference / held-out split",
                      description="Filter, split, train every selected model on the reference split, predict "
                      "the held-out cells, and write metrics.csv, per_class.csv, split.csv, confusion matrices, "
-                     "UMAPs, predictions.h5ad and report.md.")
+                     "UMAPs, predictions.h5ad, run.json and report.md; with --repeats N >= 2 also summary.csv "
+                     "(mean, sd, 95 % interval), comparisons.csv (paired tests between models) and f1_repeats.png.")
     b.add_argument("--h5ad", required=True, help="input AnnData with raw counts")
     _common(b)
     _filters(b)
