@@ -139,6 +139,7 @@ def test_cli_repeats_writes_the_report(adata, tmp_path, capsys, with_majority):
     assert report.count(" beats ") == len(sig)
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 5 and run["repeats"] == 3 and run["wall_s"] > 0 and run["peak_rss_mb"] > 0
+    assert 0 < run["cpu_s"] and "start" in run["load_avg_1min"]
     assert {"python", "numpy", "scikit-learn", "biogen"} <= set(run["versions"]) and run["cpu_count"] >= 1
     for key in ("seed: 5", "hardware:", "threads:", "versions:", "wall time:", "peak memory"):
         assert key in report

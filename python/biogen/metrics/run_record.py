@@ -39,6 +39,13 @@ def _peak_rss_mb() -> Optional[float]:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
 def _versions() -> dict:
     from .._version import __version__
 
@@ -57,10 +64,14 @@ class RunRecord:
 
     def __init__(self, seed: int, **extra):
         self.seed, self.extra = seed, extra
-        self._t0 = time.perf_counter()
+        self._start()
+
+    def _start(self) -> None:
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        self._load0 = _loadavg()
 
     def __enter__(self) -> "RunRecord":
-        self._t0 = time.perf_counter()
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,6 +93,9 @@ class RunRecord:
             "gpu": (torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None),
             "versions": _versions(),
             "wall_s": round(wall, 2),
+            # CPU seconds of all the process's threads: on a shared machine wall time says little alone
+            "cpu_s": round(time.process_time() - self._cpu0, 2),
+            "load_avg_1min": {"start": self._load0, "end": _loadavg()},
             "peak_rss_mb": None if peak is None else round(peak, 1),
         }
 
@@ -94,5 +108,6 @@ class RunRecord:
                 + (f", GPU {d['gpu']}" if d["gpu"] else "") + "\n"
                 f"- threads: torch {d['torch_threads']}, OMP_NUM_THREADS={d['OMP_NUM_THREADS']}\n"
                 f"- versions: {versions}\n"
-                f"- wall time: {d['wall_s']:.1f} s\n"
+                f"- wall time: {d['wall_s']:.1f} s (process CPU time {d['cpu_s']:.1f} s; 1-min load average "
+                f"{d['load_avg_1min']['start']} at the start, {d['load_avg_1min']['end']} at the end)\n"
                 f"- peak memory (process peak RSS): {d['peak_rss_mb']} MB\n")
