@@ -274,7 +274,8 @@ def add_cli(sub) -> None:
 
     d = sub.add_parser("demo", help="the main job: the annotation benchmark on bundled real data",
                        description="Run the annotation benchmark on scanpy's bundled pbmc68k_reduced (real "
-                       "PBMCs, counts recovered, 10 bulk_labels) with CPU-sized presets; writes a report "
+                       "PBMCs, counts recovered, 10 bulk_labels) with CPU-sized presets over --repeats seeded splits, "
+                       "with paired significance tests between the models; writes a report "
                        "folder. Finishes in minutes on a laptop CPU.")
     d.add_argument("--out", default="biogen-demo", help="output folder (default biogen-demo)")
     d.add_argument("--models", default="all", help=f"comma-separated models or 'all' (available: {names})")
