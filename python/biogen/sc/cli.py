@@ -6,7 +6,8 @@ import json
 import pickle
 from pathlib import Path
 
-# The demo's repeats: enough paired splits for a t-test with 4 degrees of freedom, in ~3 min on 2 cores.
+# The demo's repeats: paired splits enough for a t-test with 4 degrees of freedom; each costs about what the
+# single-split demo did (~45 s on 2 idle cores), so the demo takes about 4 min (an estimate: not timed idle yet).
 DEMO_REPEATS = 5
 
 
