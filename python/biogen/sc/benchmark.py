@@ -41,7 +41,7 @@ THESIS_RESULTS = pd.DataFrame(
     columns=["task", "scGPT acc / F1", "scBERT acc / F1", "Azimuth acc / F1"],
 )
 
-METRIC_COLUMNS = ["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
+METRIC_COLUMNS = ["model", "repeat", "seed", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
                   "recall_weighted", "f1_weighted", "cells_per_s", "train_s", "predict_s", "peak_mem_mb",
                   "n_train", "n_test"]
 
@@ -280,8 +280,71 @@ class KNNAnnotator(_SavedWithSkops):
         return Prediction(np.asarray(classes)[proba.argmax(1)], proba, classes, z.astype(np.float32))
 
 
+class _SklearnOnHVG:
+    """A scikit-learn classifier on the logistic regression's features (log-normalised, scaled HVGs):
+    the same preprocessing step (``features``) and a fitted estimator (``model``), as LogRegAnnotator."""
+
+    def __init__(self, n_top_genes: int, seed: int):
+        self.features = _LogNormHVG(n_top_genes)
+        self.seed = seed
+
+    def fit(self, train, label_key, *, layer=None, batch_key=None):
+        x = self.features.fit_transform(train, layer)
+        self.layer = layer
+        self.model = self._estimator()
+        self.model.fit(x, train.obs[label_key].astype(str).to_numpy())
+
+    def predict(self, test):
+        x = self.features.transform(test, self.layer)
+        classes = list(self.model.classes_)
+        if hasattr(self.model, "predict_proba"):
+            proba = self.model.predict_proba(x)
+            return Prediction(np.asarray(classes)[proba.argmax(1)], proba, classes, None)
+        return Prediction(np.asarray(self.model.predict(x)).astype(str), None, classes, None)
+
+
+class RandomForestAnnotator(_SklearnOnHVG):
+    """Random forest on the logistic regression's features (seed 004's other baseline)."""
+
+    name = "rf"
+
+    def __init__(self, n_top_genes: int = 2000, n_estimators: int = 300, max_features: str | float = "sqrt",
+                 seed: int = 0):
+        super().__init__(n_top_genes, seed)
+        self.n_estimators, self.max_features = n_estimators, max_features
+
+    def _estimator(self):
+        from sklearn.ensemble import RandomForestClassifier
+
+        # one job: the forest is seeded, and threads would compete with the other models' timings
+        return RandomForestClassifier(n_estimators=self.n_estimators, max_features=self.max_features,
+                                      random_state=self.seed, n_jobs=1)
+
+
+class LinearSVMAnnotator(_SklearnOnHVG):
+    """Linear support-vector machine (one-vs-rest, squared hinge) on the logistic regression's
+    features. It gives labels, not probabilities (``Prediction.proba`` is None). C = 0.01: a thousand
+    standardised genes and a few hundred cells want strong regularisation (the logistic regression's
+    C is 0.1 for the same reason); ``benchmarks/sweep_annotation_recipe.py`` compares 0.001 to 1."""
+
+    name = "svm"
+
+    def __init__(self, n_top_genes: int = 2000, C: float = 0.01, max_iter: int = 5000, seed: int = 0):
+        super().__init__(n_top_genes, seed)
+        self.C, self.max_iter = C, max_iter
+
+    def _estimator(self):
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+
+
 register_annotator("logreg", LogRegAnnotator)
 register_annotator("knn", KNNAnnotator)
+register_annotator("rf", RandomForestAnnotator)
+register_annotator("svm", LinearSVMAnnotator)
+#: the annotators that need no torch: fast, deterministic, share the HVG features
+BASELINES = ("logreg", "knn", "rf", "svm")
 
 
 def _lazy(module: str, cls: str) -> Callable[..., Annotator]:
@@ -337,8 +400,14 @@ def filter_cells(adata, config: BenchmarkConfig) -> tuple[np.ndarray, list[str]]
     return keep, notes
 
 
-def split_cells(obs: pd.DataFrame, config: BenchmarkConfig) -> tuple[np.ndarray, list[str]]:
-    """'train' / 'test' per cell, and warnings (e.g. classes present only in the test split)."""
+def split_cells(obs: pd.DataFrame, config: BenchmarkConfig, *, shuffle_donors: bool = False
+                ) -> tuple[np.ndarray, list[str]]:
+    """'train' / 'test' per cell, and warnings (e.g. classes present only in the test split).
+
+    With a donor key the reference takes whole donors until it holds ``1 - test_size`` of the cells:
+    the largest donors first (the thesis's one split), or with ``shuffle_donors`` in an order drawn
+    from ``config.seed`` (a different donor-grouped split per seed, for repeated benchmarks).
+    """
     n = len(obs)
     labels = obs[config.label_key].astype(str).to_numpy()
     rng = np.random.default_rng(config.seed)
@@ -350,6 +419,8 @@ def split_cells(obs: pd.DataFrame, config: BenchmarkConfig) -> tuple[np.ndarray,
             raise ValueError(f"donor_key {config.donor_key!r} has only one donor: a donor split needs two or more")
         # the thesis: donors with the most cells form the reference until it holds 1 - test_size
         order = sorted(sizes.index, key=lambda d: (-sizes[d], d))
+        if shuffle_donors:
+            order = list(rng.permutation(sorted(sizes.index)))
         train_donors, total = [], 0
         for d in order[:-1]:  # at least one donor stays in the test split
             if total >= (1 - config.test_size) * n:
@@ -378,7 +449,6 @@ def split_cells(obs: pd.DataFrame, config: BenchmarkConfig) -> tuple[np.ndarray,
                f"{only_test}")
         warnings.warn(msg)
         notes.append(msg)
-    del rng
     return split, notes
 
 
@@ -534,14 +604,23 @@ def _umap_coords(test, layer, seed) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- the run
 
+#: metrics summarised over repeats (mean, sd, 95 % interval) in summary.csv
+SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "cells_per_s",
+                   "train_s", "peak_mem_mb")
+#: metrics on which models are compared pair by pair over the shared splits
+COMPARED_METRICS = ("f1_macro", "accuracy")
+
 
 @dataclass
 class BenchmarkResult:
-    metrics: pd.DataFrame
+    metrics: pd.DataFrame  # one row per model and repeat
     per_class: pd.DataFrame
-    split: pd.DataFrame
+    split: pd.DataFrame  # column "split" (repeat 0) and "split_<r>" for each further repeat
     notes: list[str]
     out_dir: Optional[Path]
+    summary: Optional[pd.DataFrame] = None  # repeats >= 2: model, metric, n, mean, std, ci_low, ci_high
+    comparisons: Optional[pd.DataFrame] = None  # repeats >= 2: one row per metric and pair of models
+    run_info: dict = field(default_factory=dict)
 
 
 def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
@@ -552,30 +631,129 @@ def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
-def _report(metrics: pd.DataFrame, notes: list[str], config: BenchmarkConfig, n_cells: int, n_classes: int) -> str:
-    show = metrics[["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
-                    "cells_per_s", "train_s", "peak_mem_mb"]]
-    best = metrics.loc[metrics["f1_macro"].idxmax(), "model"]
-    lines = [
-        "# Cell annotation benchmark", "",
-        f"Label `{config.label_key}`: {n_cells} cells after filtering, {n_classes} classes; split "
-        + (f"by donor (`{config.donor_key}`, donors with most cells to the reference)" if config.donor_key
-           else f"stratified, {config.test_size:.0%} held out") + f", seed {config.seed}.", "",
-        _md_table(show), "",
-        f"Best macro F1: **{best}**.",
-    ]
-    base = metrics[metrics["model"].isin(["logreg", "knn"])]
-    for _, row in metrics[~metrics["model"].isin(["logreg", "knn"])].iterrows():
-        if len(base):
-            b = base.loc[base["f1_macro"].idxmax()]
+def _test_train_ratio(metrics: pd.DataFrame) -> float:
+    return float((metrics["n_test"] / metrics["n_train"]).mean())
+
+
+def summarise_repeats(metrics: pd.DataFrame, level: float = 0.95) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``summary`` (per model and metric: n, mean, std, interval) and ``comparisons`` (per compared
+    metric and pair of models: win rate, mean difference with its interval, corrected resampled
+    paired t-test, Wilcoxon signed-rank, Holm-adjusted p, significance) from per-repeat ``metrics``.
+
+    Intervals and the t-test use Nadeau & Bengio's correction for overlapping training sets
+    (:mod:`biogen.metrics.paired`) with the mean test/train size ratio of the splits.
+    """
+    from ..metrics.paired import compare_all, mean_interval
+
+    ratio = _test_train_ratio(metrics)
+    models = list(dict.fromkeys(metrics["model"]))
+    rows = []
+    for name in models:
+        m = metrics[metrics["model"] == name].sort_values("repeat")
+        for col in SUMMARY_METRICS:
+            iv = mean_interval(m[col].to_numpy(), level=level, test_train_ratio=ratio)
+            rows.append({"model": name, "metric": col, "n": iv.n, "mean": iv.mean, "std": iv.std,
+                         "ci_low": iv.ci_low, "ci_high": iv.ci_high})
+    comps = []
+    for col in COMPARED_METRICS:
+        wide = metrics.pivot(index="repeat", columns="model", values=col)
+        for c in compare_all({n: wide[n].to_numpy() for n in models}, level=level, test_train_ratio=ratio):
+            comps.append({"metric": col, **c.as_dict()})
+    return pd.DataFrame(rows), pd.DataFrame(comps)
+
+
+def plot_repeats(metrics: pd.DataFrame, summary: pd.DataFrame, path: Path, metric: str = "f1_macro") -> None:
+    """Per-repeat ``metric`` per model, one grey line per split (the pairing), mean with its interval."""
+    plt = _plt()
+    models = list(dict.fromkeys(metrics["model"]))
+    wide = metrics.pivot(index="repeat", columns="model", values=metric)[models]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(models), 3.8))
+    x = np.arange(len(models))
+    for _, row in wide.iterrows():
+        ax.plot(x, row.to_numpy(), color="0.75", lw=0.8, zorder=1)
+    for i, name in enumerate(models):
+        ax.scatter(np.full(len(wide), i), wide[name], s=18, zorder=2)
+        s = summary[(summary["model"] == name) & (summary["metric"] == metric)].iloc[0]
+        ax.errorbar(i + 0.18, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="D",
+                    color="black", ms=5, capsize=3, zorder=3)
+    ax.set_xticks(x, models)
+    ax.set(ylabel=metric.replace("_", " "), ylim=(0, 1),
+           title=f"{metric} per split ({len(wide)} repeats; lines join the same split; diamond: mean, 95 % CI)")
+    ax.title.set_fontsize(9)
+    _save(fig, path)
+
+
+def _report(metrics: pd.DataFrame, notes: list[str], config: BenchmarkConfig, n_cells: int, n_classes: int,
+            repeats: int, summary: Optional[pd.DataFrame], comparisons: Optional[pd.DataFrame],
+            run_md: str) -> str:
+    split_desc = ((f"by donor (`{config.donor_key}`, "
+                   + ("a random donor order per seed" if repeats > 1 else "donors with most cells to the reference")
+                   + ")") if config.donor_key else f"stratified, {config.test_size:.0%} held out")
+    lines = ["# Cell annotation benchmark", "",
+             f"Label `{config.label_key}`: {n_cells} cells after filtering, {n_classes} classes; split {split_desc}; "
+             + (f"{repeats} repeats with seeds {config.seed}..{config.seed + repeats - 1} (each seed draws the "
+                "split and seeds the models; every model sees the same splits)." if repeats > 1
+                else f"seed {config.seed}."), ""]
+    if summary is None:
+        show = metrics[["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
+                        "cells_per_s", "train_s", "peak_mem_mb"]]
+        best = metrics.loc[metrics["f1_macro"].idxmax(), "model"]
+        lines += [_md_table(show), "", f"Best macro F1: **{best}** (one split: differences of a few points are "
+                  "within split-to-split noise; use `--repeats` to test them).", ""]
+    else:
+        wide = summary.set_index(["model", "metric"])
+        rows = []
+        for name in dict.fromkeys(metrics["model"]):
+            r = {"model": name}
+            for col in ("accuracy", "f1_macro", "f1_weighted"):
+                s = wide.loc[(name, col)]
+                r[col] = f"{s['mean']:.3f} ± {s['std']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+            r["train_s"] = f"{wide.loc[(name, 'train_s')]['mean']:.1f}"
+            r["cells_per_s"] = f"{wide.loc[(name, 'cells_per_s')]['mean']:.0f}"
+            rows.append(r)
+        lines += ["Mean ± standard deviation over the repeats [95 % interval of the mean]:", "",
+                  _md_table(pd.DataFrame(rows)), "",
+                  "## Paired comparisons (macro F1)", "",
+                  "Each pair of models on the same splits: win rate of the first, mean difference (first − second) "
+                  "with its 95 % interval, the corrected resampled paired t-test (Nadeau & Bengio 2003: the variance "
+                  "of the differences is inflated by 1/N + n_test/n_train because the splits' training sets "
+                  "overlap), its p-value adjusted over all pairs (Holm), and the uncorrected Wilcoxon signed-rank "
+                  "p-value as a distribution-free check"
+                  + (" (with N ≤ 5 repeats it cannot go below 0.05)" if repeats <= 5 else "") + ". Significant: "
+                  "Holm-adjusted t-test p < 0.05.", ""]
+        f1 = comparisons[comparisons["metric"] == "f1_macro"]
+        show = pd.DataFrame({
+            "pair": f1["a"] + " vs " + f1["b"], "win rate": f1["win_rate"].map(lambda v: f"{v:.2f}"),
+            "mean diff [95 % CI]": [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in
+                                    zip(f1["mean_diff"], f1["ci_low"], f1["ci_high"])],
+            "p (t, corrected)": f1["p_ttest"].map(lambda v: f"{v:.3g}"),
+            "p (Holm)": f1["p_holm"].map(lambda v: f"{v:.3g}"),
+            "p (Wilcoxon)": f1["p_wilcoxon"].map(lambda v: f"{v:.3g}"),
+            "significant": f1["significant"].map({True: "**yes**", False: "no"})})
+        lines += [_md_table(show), ""]
+        sig = f1[f1["significant"]]
+        if len(sig):
+            lines += ["Significant differences in macro F1:", ""]
+            lines += [f"- **{(r.a if r.mean_diff > 0 else r.b)}** beats {(r.b if r.mean_diff > 0 else r.a)} by "
+                      f"{abs(r.mean_diff):.3f} (Holm p = {r.p_holm:.3g})" for r in sig.itertuples()]
+        else:
+            lines.append(f"No difference in macro F1 is significant over these {repeats} repeats.")
+        lines += ["", "![macro F1 per repeat](f1_repeats.png)", ""]
+    base = [m for m in dict.fromkeys(metrics["model"]) if m in BASELINES]
+    if base and summary is None:
+        b = metrics[metrics["model"].isin(base)]
+        b = b.loc[b["f1_macro"].idxmax()]
+        for _, row in metrics[~metrics["model"].isin(BASELINES)].iterrows():
             verdict = "beats" if row["f1_macro"] > b["f1_macro"] else "does NOT beat"
             lines.append(f"- {row['model']} {verdict} the best baseline ({b['model']}) on macro F1: "
                          f"{row['f1_macro']:.4f} vs {b['f1_macro']:.4f}.")
+    lines += ["", "## Run", "", run_md]
     if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Plots", "", "![models](models.png)", "", "![UMAP labels](umap_labels.png)", "",
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes]
+    first = " (the first repeat's split)" if repeats > 1 else ""
+    lines += ["", f"## Plots{first}", "", "![models](models.png)", "", "![UMAP labels](umap_labels.png)", "",
               "![UMAP correct](umap_correct.png)", ""]
-    lines += [f"![{m}](confusion_{m}.png)" for m in metrics["model"]]
+    lines += [f"![{m}](confusion_{m}.png)" for m in dict.fromkeys(metrics["model"])]
     lines += ["", "## For context: the thesis's numbers (TCCA, 19 classes, 1.48M / 356k cells)", "",
               _md_table(THESIS_RESULTS), "",
               "scGPT annotated 18,621 cells in 6.9 s on a GPU; Azimuth ~10,000 cells/min. These come from "
@@ -583,24 +761,58 @@ def _report(metrics: pd.DataFrame, notes: list[str], config: BenchmarkConfig, n_
     return "\n".join(lines)
 
 
-def run_benchmark(adata, config: BenchmarkConfig, out_dir: Optional[str | Path] = None, *,
+def _fit_predict(name: str, config: BenchmarkConfig, train, test, progress: bool) -> tuple[dict, Prediction]:
+    opts = dict(config.model_options.get(name, {}))
+    if name in BASELINES:
+        opts.setdefault("n_top_genes", config.n_top_genes)
+    else:
+        opts.setdefault("progress", progress)
+    opts.setdefault("seed", config.seed)
+    model = ANNOTATORS[name](**opts)
+    with PeakMemory() as mem_fit:
+        t0 = time.perf_counter()
+        model.fit(train, config.label_key, layer=config.layer, batch_key=config.batch_key)
+        train_s = time.perf_counter() - t0
+    with PeakMemory() as mem_pred:
+        t0 = time.perf_counter()
+        pred = model.predict(test)
+        predict_s = time.perf_counter() - t0
+    return {"cells_per_s": test.n_obs / max(predict_s, 1e-9), "train_s": train_s, "predict_s": predict_s,
+            "peak_mem_mb": max(mem_fit.mb, mem_pred.mb), "n_train": train.n_obs, "n_test": test.n_obs}, pred
+
+
+def run_benchmark(adata, config: BenchmarkConfig, out_dir: Optional[str | Path] = None, *, repeats: int = 1,
                   overwrite: bool = False, progress: bool = True) -> BenchmarkResult:
     """Filter, split, fit and evaluate every selected annotator; write the outputs to ``out_dir``.
+
+    With ``repeats`` N >= 2 the whole protocol runs N times with seeds ``config.seed + r``: each
+    seed draws a new split (stratified, or donor-grouped with a random donor order when a donor key
+    is given) and seeds the models; every model sees the same N splits, so the models are compared
+    pair by pair over them (:func:`summarise_repeats`).
 
     Everything is checked before any model trains; the output folder is written as a whole (a
     temporary sibling renamed into place), so a failure never leaves a half-written folder over a
     previous one.
 
-    Outputs: ``metrics.csv`` (one row per model: ``model, accuracy, precision_macro, recall_macro,
-    f1_macro, f1_weighted, cells_per_s, train_s, peak_mem_mb`` and more), ``per_class.csv``,
-    ``split.csv``, ``confusion_<model>.png``, ``umap_labels.png``, ``umap_correct.png``,
-    ``models.png``, ``predictions.h5ad`` (test cells; ``obs["<model>_pred"]``,
-    ``obsm["<model>_proba"]``, ``obsm["X_<model>"]``) and ``report.md``.
+    Outputs: ``metrics.csv`` (one row per model and repeat: ``model, repeat, seed, accuracy,
+    precision_macro, recall_macro, f1_macro, f1_weighted, cells_per_s, train_s, peak_mem_mb`` and more),
+    ``per_class.csv``, ``split.csv``, ``run.json`` (seed, hardware, threads, versions, wall time, peak
+    memory); with N >= 2 also ``summary.csv`` (mean, std, 95 % interval per model and metric),
+    ``comparisons.csv`` (paired comparisons) and ``f1_repeats.png``; for the first split:
+    ``confusion_<model>.png``, ``umap_labels.png``, ``umap_correct.png``, ``models.png``,
+    ``predictions.h5ad`` (test cells; ``obs["<model>_pred"]``, ``obsm["<model>_proba"]``,
+    ``obsm["X_<model>"]``); and ``report.md``.
     """
+    import json
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
+    from ..metrics.run_record import RunRecord
     from .preprocess import check_counts
 
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     check_label_key(adata, config.label_key)
     for key, what in ((config.donor_key, "donor_key"), (config.batch_key, "batch_key")):
         if key is not None:
@@ -620,45 +832,44 @@ def run_benchmark(adata, config: BenchmarkConfig, out_dir: Optional[str | Path] 
         raise ValueError("no cells left after filtering")
     if n_classes < 2:
         raise ValueError(f"label {config.label_key!r} has {n_classes} class after filtering; annotation needs two or more")
-    split, split_notes = split_cells(data.obs, config)
-    notes += split_notes
-    train, test = data[split == "train"].copy(), data[split == "test"].copy()
-    rows, per_class_rows, preds, cms = [], [], {}, {}
-    y_true = test.obs[config.label_key].astype(str).to_numpy()
-    for name in tqdm(config.models, desc="models", disable=not progress):
-        opts = dict(config.model_options.get(name, {}))
-        if name in ("logreg", "knn"):
-            opts.setdefault("n_top_genes", config.n_top_genes)
-        else:
-            opts.setdefault("progress", progress)
-        opts.setdefault("seed", config.seed)
-        model = ANNOTATORS[name](**opts)
-        with PeakMemory() as mem_fit:
-            t0 = time.perf_counter()
-            model.fit(train, config.label_key, layer=config.layer, batch_key=config.batch_key)
-            train_s = time.perf_counter() - t0
-        with PeakMemory() as mem_pred:
-            t0 = time.perf_counter()
-            pred = model.predict(test)
-            predict_s = time.perf_counter() - t0
-        m, per_class, cm = classification_metrics(y_true, pred.labels)
-        rows.append({"model": name, **m, "cells_per_s": test.n_obs / max(predict_s, 1e-9), "train_s": train_s,
-                     "predict_s": predict_s, "peak_mem_mb": max(mem_fit.mb, mem_pred.mb),
-                     "n_train": train.n_obs, "n_test": test.n_obs})
-        per_class_rows.append(per_class.assign(model=name))
-        preds[name], cms[name] = pred, cm
-        test.obs[f"{name}_pred"] = pd.Categorical(pred.labels)
-        if pred.proba is not None:
-            test.obsm[f"{name}_proba"] = np.asarray(pred.proba, np.float32)
-            test.uns[f"{name}_proba_classes"] = list(pred.classes)
-        if pred.embedding is not None:
-            test.obsm[f"X_{name}"] = np.asarray(pred.embedding, np.float32)
-    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-    per_class = pd.concat(per_class_rows, ignore_index=True)[["model", "label", "precision", "recall", "f1", "support"]]
-    split_df = pd.DataFrame({"cell": data.obs_names, "split": split, "label": labels})
+    split_df = pd.DataFrame({"cell": data.obs_names, "label": labels})
     if config.donor_key:
         split_df["donor"] = data.obs[config.donor_key].astype(str).to_numpy()
-    result = BenchmarkResult(metrics, per_class, split_df, notes, out_dir)
+    rows, per_class_rows, preds, cms = [], [], {}, {}
+    with RunRecord(seed=config.seed, repeats=repeats) as record:
+        for r in range(repeats):
+            cfg = replace(config, seed=config.seed + r)
+            split, split_notes = split_cells(data.obs, cfg, shuffle_donors=repeats > 1)
+            notes += [f"repeat {r}: {n}" for n in split_notes] if repeats > 1 else split_notes
+            split_df["split" if r == 0 else f"split_{r}"] = split
+            train, test = data[split == "train"].copy(), data[split == "test"].copy()
+            y_true = test.obs[config.label_key].astype(str).to_numpy()
+            desc = f"repeat {r + 1}/{repeats}" if repeats > 1 else "models"
+            for name in tqdm(config.models, desc=desc, disable=not progress):
+                cost, pred = _fit_predict(name, cfg, train, test, progress)
+                m, per_class, cm = classification_metrics(y_true, pred.labels)
+                rows.append({"model": name, "repeat": r, "seed": cfg.seed, **m, **cost})
+                per_class_rows.append(per_class.assign(model=name, repeat=r))
+                if r:
+                    continue
+                # the first split keeps everything for the confusion matrices, UMAPs and predictions
+                preds[name], cms[name] = pred, cm
+                test.obs[f"{name}_pred"] = pd.Categorical(pred.labels)
+                if pred.proba is not None:
+                    test.obsm[f"{name}_proba"] = np.asarray(pred.proba, np.float32)
+                    test.uns[f"{name}_proba_classes"] = list(pred.classes)
+                if pred.embedding is not None:
+                    test.obsm[f"X_{name}"] = np.asarray(pred.embedding, np.float32)
+            if r == 0:
+                test0, y_true0 = test, y_true
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    per_class = pd.concat(per_class_rows, ignore_index=True)[["model", "repeat", "label", "precision", "recall",
+                                                              "f1", "support"]]
+    summary = comparisons = None
+    if repeats > 1:
+        summary, comparisons = summarise_repeats(metrics)
+    run_info = record.as_dict()
+    result = BenchmarkResult(metrics, per_class, split_df, notes, out_dir, summary, comparisons, run_info)
     if out_dir is None:
         return result
 
@@ -669,18 +880,25 @@ def run_benchmark(adata, config: BenchmarkConfig, out_dir: Optional[str | Path] 
         metrics.to_csv(tmp / "metrics.csv", index=False)
         per_class.to_csv(tmp / "per_class.csv", index=False)
         split_df.to_csv(tmp / "split.csv", index=False)
+        if summary is not None:
+            summary.to_csv(tmp / "summary.csv", index=False)
+            comparisons.to_csv(tmp / "comparisons.csv", index=False)
+            plot_repeats(metrics, summary, tmp / "f1_repeats.png")
         for name, cm in cms.items():
             plot_confusion(cm, name, tmp / f"confusion_{name}.png")
         try:
-            xy = _umap_coords(test, config.layer, config.seed)
-            test.obsm["X_umap"] = xy
-            plot_umaps(xy, y_true, {n: p.labels for n, p in preds.items()}, tmp)
+            xy = _umap_coords(test0, config.layer, config.seed)
+            test0.obsm["X_umap"] = xy
+            plot_umaps(xy, y_true0, {n: p.labels for n, p in preds.items()}, tmp)
         except Exception as exc:  # UMAP needs enough cells; the metrics stand without it
             notes.append(f"UMAP skipped: {type(exc).__name__}: {exc}")
-        plot_model_bars(metrics, tmp / "models.png")
-        test.uns["biogen_benchmark"] = {k: (str(v) if v is not None else "") for k, v in asdict(config).items()}
-        test.write_h5ad(tmp / "predictions.h5ad")
-        (tmp / "report.md").write_text(_report(metrics, notes, config, data.n_obs, n_classes))
+        plot_model_bars(metrics[metrics["repeat"] == 0], tmp / "models.png")
+        test0.uns["biogen_benchmark"] = {k: (str(v) if v is not None else "") for k, v in asdict(config).items()}
+        test0.write_h5ad(tmp / "predictions.h5ad")
+        run_info = result.run_info = record.as_dict()  # wall time and peak memory now, outputs included
+        (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
+        (tmp / "report.md").write_text(_report(metrics, notes, config, data.n_obs, n_classes, repeats, summary,
+                                               comparisons, record.markdown()))
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             os.replace(out_dir, old)

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from ..errors import IncompatibleError, InputError, OutputExistsError
 
+# The demo's repeats: paired splits enough for a t-test with 4 degrees of freedom; each costs about what the
+# single-split demo did (~45 s on 2 idle cores), so the demo takes about 4 min (an estimate: not timed idle yet).
+DEMO_REPEATS = 5
+
 #: ``manifest.json`` format of the folders ``annotate train`` writes (see :mod:`biogen._io`)
 ANNOTATOR_FORMAT, ANNOTATOR_VERSION = "biogen.annotator", 1
 _RETRAIN = "train it again with 'biogen annotate train'"
@@ -48,12 +52,33 @@ def _config(args, models):
 
 
 def _print_table(result, out):
-    cols = ["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "cells_per_s",
-            "train_s", "peak_mem_mb"]
-    print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if result.summary is None:
+        cols = ["model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "cells_per_s",
+                "train_s", "peak_mem_mb"]
+        print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    else:
+        s = result.summary
+        n = int(s["n"].iloc[0])
+        order = list(dict.fromkeys(result.metrics["model"]))
+        table = s.pivot(index="model", columns="metric", values="mean").loc[order, ["accuracy", "f1_macro",
+                                                                                    "f1_weighted", "train_s"]]
+        sd = s[s["metric"] == "f1_macro"].set_index("model").loc[order]
+        table.insert(2, "f1_macro_sd", sd["std"])
+        table.insert(3, "f1_macro_ci", [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(sd["ci_low"], sd["ci_high"])])
+        print(f"mean over {n} repeats (sd, 95 % interval of the mean macro F1):")
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        c = result.comparisons
+        sig = c[(c["metric"] == "f1_macro") & c["significant"]]
+        print("significant macro F1 differences (corrected paired t-test, Holm p < 0.05): "
+              + (", ".join(f"{r.a if r.mean_diff > 0 else r.b} > {r.b if r.mean_diff > 0 else r.a} "
+                           f"({abs(r.mean_diff):.3f}, p {r.p_holm:.2g})" for r in sig.itertuples()) or "none"))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"\nwrote {out}/ (report.md, metrics.csv, per_class.csv, split.csv, plots, predictions.h5ad)")
+    info = result.run_info
+    print(f"\n{info['wall_s']:.0f} s, peak RSS {info['peak_rss_mb']} MB, {info['torch_threads']} torch threads")
+    print(f"wrote {out}/ (report.md, metrics.csv, "
+          + ("summary.csv, comparisons.csv, " if result.summary is not None else "")
+          + "per_class.csv, split.csv, run.json, plots, predictions.h5ad)")
 
 
 def _models(arg):
@@ -74,7 +99,8 @@ def _cmd_benchmark(args) -> int:
     adata = _read_h5ad(args.h5ad)
     check_unique_genes(adata, "input", path=args.h5ad)
     with on_interrupt(lambda: _unchanged(args.out)):
-        res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        res = run_benchmark(adata, config, args.out, repeats=args.repeats, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     _print_table(res, args.out)
     return 0
 
@@ -184,11 +210,24 @@ def _cmd_demo(args) -> int:
     t0 = time.perf_counter()
     adata = pbmc68k()
     with on_interrupt(lambda: _unchanged(args.out)):
-        res = run_benchmark(adata, config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        res = run_benchmark(adata, config, args.out, repeats=args.repeats, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     print(f"biogen demo: cell annotation on scanpy's bundled pbmc68k_reduced (700 cells, 10 bulk_labels), "
-          f"{time.perf_counter() - t0:.0f} s\n")
+          f"{args.repeats} stratified 80/20 splits, {time.perf_counter() - t0:.0f} s\n")
     _print_table(res, args.out)
     return 0
+
+
+def _positive_int(v: str) -> int:
+    import argparse
+
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v!r}")
+    return n
 
 
 def _common(p, *, label=True):
@@ -207,6 +246,9 @@ def _filters(p):
     p.add_argument("--subset", nargs="+", metavar="COL=V1,V2", help="keep cells whose obs column has one of the values")
     p.add_argument("--test-size", type=float, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the split and the models (default 0)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="run the protocol N times with seeds SEED..SEED+N-1 "
+                   "(new split and model seeds each time, shared by all models) and compare the models pair by pair "
+                   "over the N splits (default 1)")
 
 
 def _model_opts(p):
@@ -224,7 +266,8 @@ def add_cli(sub) -> None:
     b = s.add_parser("benchmark", help="compare annotators on a reference / held-out split",
                      description="Filter, split, train every selected model on the reference split, predict "
                      "the held-out cells, and write metrics.csv, per_class.csv, split.csv, confusion matrices, "
-                     "UMAPs, predictions.h5ad and report.md.")
+                     "UMAPs, predictions.h5ad, run.json and report.md; with --repeats N >= 2 also summary.csv "
+                     "(mean, sd, 95 % interval), comparisons.csv (paired tests between models) and f1_repeats.png.")
     b.add_argument("--h5ad", required=True, help="input AnnData with raw counts")
     _common(b)
     _filters(b)
@@ -260,12 +303,15 @@ def add_cli(sub) -> None:
 
     d = sub.add_parser("demo", help="the main job: the annotation benchmark on bundled real data",
                        description="Run the annotation benchmark on scanpy's bundled pbmc68k_reduced (real "
-                       "PBMCs, counts recovered, 10 bulk_labels) with CPU-sized presets; writes a report "
+                       "PBMCs, counts recovered, 10 bulk_labels) with CPU-sized presets over --repeats seeded splits, "
+                       "with paired significance tests between the models; writes a report "
                        "folder. Finishes in minutes on a laptop CPU.")
     d.add_argument("--out", default="biogen-demo", help="output folder (default biogen-demo)")
     d.add_argument("--models", default="all", help=f"comma-separated models or 'all' (available: {names})")
     d.add_argument("--preset", default="small", help="transformer preset (default small)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--repeats", type=_positive_int, default=DEMO_REPEATS,
+                   help=f"splits x seeds to average and compare over (default {DEMO_REPEATS})")
     d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(func=_cmd_demo)

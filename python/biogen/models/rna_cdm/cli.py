@@ -112,9 +112,15 @@ def _grid_rows(rows: list[np.ndarray], path: Path, ncol: int) -> None:
 def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_samples: int = 120,
              tiles_per_sample: int = 4, eval_tiles_per_sample: int = 2, steps: int = 25, sr_steps: int = 15,
              guidance_scale: float = 3.0, perturb_amount: float = 0.3, seed: int = 0, overwrite: bool = False,
-             log: Optional[Callable[[str], None]] = None) -> dict:
+             log: Optional[Callable[[str], None]] = None, downstream: bool = True, downstream_samples: int = 60,
+             downstream_label: str = "cancer_type", downstream_config=None) -> dict:
     """Toy tissue -> RNA beta-VAE -> cascade (``preset``) -> grids, composition fidelity, perturbation,
     FID/KID; writes everything under ``out`` and returns the metrics dict (also ``metrics.json``).
+
+    With ``downstream`` it also tests whether pretraining a tile classifier on generated tiles helps
+    (:mod:`biogen.models.rna_cdm.downstream`): tiles generated from the cascade's training samples' RNA, k-fold
+    cross-validation on the real tiles of ``downstream_samples`` freshly simulated samples that
+    neither the VAE nor the cascade saw, labelled by ``downstream_label``.
 
     Under torchrun every process trains the VAE and the cascade (DDP, global batches split across
     the processes); rank 0 alone writes, logs and evaluates, and every rank returns its metrics.
@@ -236,6 +242,22 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     plot_composition(ev["counted"], ev["intended"], CELL_TYPES, out / "composition_fidelity.png",
                      title=f"generated tiles: within-type r = {ev['fidelity'].within_type_r:.2f}")
 
+    down = None
+    if downstream:
+        from .downstream import DownstreamConfig, run_downstream, simulator_labels
+
+        fresh = simulate_toy_tissue(downstream_samples, tiles_per_sample, tcfg, seed=seed + 1)
+        size = tcfg.tile_size
+        real = fresh.tiles.reshape(-1, size, size, 3).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+        log(f"downstream test: a tile classifier on {len(real)} real tiles of {downstream_samples} new samples "
+            f"({downstream_label})")
+        down = run_downstream(model, z_all[train_rows], simulator_labels(adata, downstream_label)[train_rows],
+                              np.asarray(adata.obs_names)[train_rows], real,
+                              np.repeat(simulator_labels(fresh.adata, downstream_label), tiles_per_sample),
+                              np.repeat([f"new_{i}" for i in fresh.sample_ids], tiles_per_sample), out,
+                              downstream_config or DownstreamConfig(seed=seed), per_sample=eval_tiles_per_sample,
+                              steps=steps, sr_steps=sr_steps, guidance_scale=guidance_scale, seed=seed, log=log)
+
     metrics = {
         "preset": preset,
         "n_samples": n_samples,
@@ -256,6 +278,7 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
                          "intended_lymphocyte_after": float(intended_p[:, lym].mean())},
         "fid_kid": fk,
         "fid_kid_real_vs_real": fk_rr,
+        "downstream": down,
         "seconds": {"train": train_seconds, "total": time.perf_counter() - t_start},
     }
     write_json(out / "metrics.json", _js(metrics))
@@ -265,6 +288,8 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
         f"{pert.mean_after:.3f} after perturbation (p = {pert.p_value:.2g}); FID {fk['fid']:.2f} "
         f"(real vs real {fk_rr['fid']:.2f}); base stage: within-type r = {evb['fidelity'].within_type_r:.3f}, "
         f"lymphocyte {pert_b.mean_before:.3f} -> {pert_b.mean_after:.3f} (p = {pert_b.p_value:.2g})")
+    if down is not None:
+        log(_downstream_line(down))
     log(f"wrote {out}/metrics.json and figures in {time.perf_counter() - t_start:.0f}s")
     return bdist.broadcast_object(metrics)
 
@@ -394,6 +419,25 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _downstream_line(d: dict) -> str:
+    parts = []
+    for s in d["summary"]:
+        if s["metric"] == "f1_macro" and (s["arm"] != "synthetic" or s["fraction"] == d["config"]["fractions"][0]):
+            where = "no real data" if s["arm"] == "synthetic" else f"{s['fraction']:.0%} real"
+            parts.append(f"{s['arm']} ({where}) {s['mean']:.3f} ± {s['std']:.3f}")
+    sig = [f"{c['a']} vs {c['b']} at {c['fraction']:.0%}: {c['mean_diff']:+.3f} (Holm p {c['p_holm']:.2g})"
+           for c in d["comparisons"] if c["metric"] == "f1_macro" and c["significant"]]
+    return ("downstream macro F1 (mean ± sd over folds): " + "; ".join(parts)
+            + "\nsignificant: " + ("; ".join(sig) or "none"))
+
+
+def _downstream_config(args):
+    from .downstream import DownstreamConfig
+
+    return DownstreamConfig(folds=args.folds, fractions=tuple(args.fractions), epochs=args.downstream_epochs,
+                            pretrain_epochs=args.downstream_epochs, seed=args.seed)
+
+
 def _cmd_evaluate(args) -> int:
     from ...data.paired import load_paired
     from ...data.toy_tissue import CELL_TYPES
@@ -402,6 +446,7 @@ def _cmd_evaluate(args) -> int:
     from .cascade import RNACDM
     from .vae import RNAEncoder
 
+    down_cfg = _downstream_config(args) if args.downstream else None  # bad options fail before any work
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
     model = RNACDM.load(args.model, preset=args.preset)
@@ -422,6 +467,16 @@ def _cmd_evaluate(args) -> int:
     else:
         metrics["composition_fidelity"] = None
         print("note: no uns['signatures'] and no --fractions-key: composition fidelity skipped")
+    if down_cfg is not None:
+        from .downstream import run_downstream, simulator_labels
+
+        lab = simulator_labels(paired.adata, args.downstream_label)
+        ids = np.asarray(paired.adata.obs_names).astype(str)
+        metrics["downstream"] = run_downstream(model, z, lab, ids, paired.tiles, lab[paired.sample_index],
+                                               ids[paired.sample_index], out, down_cfg, per_sample=args.per_sample,
+                                               steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                               log=print)
+        print(_downstream_line(metrics["downstream"]))
     metrics = _js(metrics)
     write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
@@ -431,7 +486,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_demo(args) -> int:
     run_demo(args.out, minutes=args.minutes, preset=args.preset, n_samples=args.samples,
              tiles_per_sample=args.tiles_per_sample, eval_tiles_per_sample=args.eval_tiles, steps=args.steps,
-             sr_steps=args.sr_steps, guidance_scale=args.guidance, seed=args.seed, overwrite=args.overwrite)
+             sr_steps=args.sr_steps, guidance_scale=args.guidance, seed=args.seed, overwrite=args.overwrite,
+             downstream=not args.no_downstream, downstream_samples=args.downstream_samples)
     return 0
 
 
@@ -515,6 +571,16 @@ def add_cli(sub) -> None:
     q.add_argument("--tiles", required=True, help="folder with one sub-folder of real tiles per sample id")
     q.add_argument("--fractions-key", default=None, help="obsm key with intended fractions (default: deconvolve)")
     q.add_argument("--label-key", default="cancer_type", help="obs column to train the FID domain CNN on")
+    q.add_argument("--downstream", action="store_true", help="also test whether pretraining a small tile classifier on "
+                   "generated tiles helps: from scratch / pretrained on generated then fine-tuned / generated only, "
+                   "k-fold CV on the real tiles (grouped by sample; a fold never pretrains on tiles generated from its "
+                   "test samples). Use samples the cascade did not train on. Writes downstream.png and downstream.md")
+    q.add_argument("--downstream-label", default="cancer_type",
+                   help="class of a tile: an obs column or 'dominant_cell_type' (from obsm['fractions']; default cancer_type)")
+    q.add_argument("--folds", type=int, default=5, help="cross-validation folds of --downstream (default 5)")
+    q.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0],
+                   help="shares of each fold's real training samples (default 0.1 0.25 1)")
+    q.add_argument("--downstream-epochs", type=int, default=15, help="classifier epochs per arm (default 15)")
     q.add_argument("--sample-key", default=None, help="obs column with sample ids (default obs_names)")
     q.add_argument("--allow-unmatched", action="store_true", help="skip samples without tiles and folders without RNA")
     sampling(q)
@@ -533,5 +599,8 @@ def add_cli(sub) -> None:
     q.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps, base stage (default 25)")
     q.add_argument("--sr-steps", type=int, default=15, help="DPM-Solver++ steps, SR stage (default 15)")
     q.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3)")
+    q.add_argument("--no-downstream", action="store_true", help="skip the synthetic-pretraining test of a tile classifier")
+    q.add_argument("--downstream-samples", type=int, default=60,
+                   help="new simulated samples whose real tiles the downstream test cross-validates on (default 60)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_demo)
