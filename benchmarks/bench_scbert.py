@@ -49,7 +49,7 @@ import pytest
 import torch
 
 from bench_performer import _PeakMemory  # same sampler as the kernel benchmark
-from biogen.models.scbert_module import ScBERTConfig, ScBERTModel
+from biogen.models.scbert.network import ScBERTConfig, ScBERTModel
 from biogen.ops import use_backend
 
 CFG = ScBERTConfig.preset("paper")

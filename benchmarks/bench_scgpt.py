@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import biogen.ops
-from biogen.models.scgpt_module import ScGPTConfig, ScGPTModel
+from biogen.models.scgpt.network import ScGPTConfig, ScGPTModel
 
 BATCH, MAX_LEN, N_TOKENS = 8, 1200, 30000
 DEVICE = torch.device(os.environ.get("BIOGEN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

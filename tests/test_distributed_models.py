@@ -69,7 +69,7 @@ def vae_two(rna):
 
 
 def test_vae_two_processes_take_the_ghost_batch_step(rna, vae_two):
-    from biogen.models.rna_vae import RNAEncoder, RNAVAE, RNAVAEConfig
+    from biogen.models.rna_cdm.vae import RNAEncoder, RNAVAE, RNAVAEConfig
 
     root, toy = rna
     out, r = vae_two
@@ -132,7 +132,7 @@ def test_cascade_two_processes_match_one_and_resume_in_one(rna, vae_two, tmp_pat
     # batch 5 splits 3 + 2: the loss scale makes DDP's average the global-batch mean
     _assert_same(a, b, 2e-6, "cascade")
     torch.manual_seed(0)
-    from biogen.models.rna_cdm import RNACDM, cascade_preset
+    from biogen.models.rna_cdm.cascade import RNACDM, cascade_preset
 
     init = RNACDM(cascade_preset("tiny", LATENT)).state_dict()
     moved = [k for k in a if k.startswith(("unets.base.", "tokens.base.")) and not torch.equal(a[k], init[k])]
@@ -220,8 +220,8 @@ def test_pumamednet_two_processes_match_one(tmp_path, finetune):
 def test_global_batch_smaller_than_world_size_is_refused(monkeypatch, rna):
     """The checks run before any collective, so they are tested with a faked world of 2 processes."""
     from biogen.models.pumamednet import PRESETS, PumaMedNet, fit_vae, make_synthetic_cxr
-    from biogen.models.rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
-    from biogen.models.rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig
+    from biogen.models.rna_cdm.cascade import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
+    from biogen.models.rna_cdm.vae import RNAEncoder, RNAVAEConfig, VAETrainConfig
 
     _, toy = rna
     monkeypatch.setattr(bdist, "world_size", lambda: 2)

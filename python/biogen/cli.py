@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.selfcheck",
     "biogen.sc.cli",
-    "biogen.models.tumorsynth_cli",
+    "biogen.models.tumorsynth.cli",
     "biogen.tabular.cli",
-    "biogen.models.pumamednet_cli",
-    "biogen.models.rna_cdm_cli",
+    "biogen.models.pumamednet.cli",
+    "biogen.models.rna_cdm.cli",
 )
 
 

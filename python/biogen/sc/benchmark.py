@@ -208,8 +208,8 @@ def _lazy(module: str, cls: str) -> Callable[..., Annotator]:
     return factory
 
 
-register_annotator("scgpt", _lazy("biogen.models.scgpt_annotator", "ScGPTAnnotator"))
-register_annotator("scbert", _lazy("biogen.models.scbert_annotator", "ScBERTAnnotator"))
+register_annotator("scgpt", _lazy("biogen.models.scgpt.annotator", "ScGPTAnnotator"))
+register_annotator("scbert", _lazy("biogen.models.scbert.annotator", "ScBERTAnnotator"))
 
 
 # ------------------------------------------------------------------------------- filters, split

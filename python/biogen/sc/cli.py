@@ -223,7 +223,8 @@ def add_cli(sub) -> None:
     q = s.add_parser("predict", help="annotate a new .h5ad with a saved model",
                      description="Predict labels for every cell of an .h5ad; writes a new .h5ad with "
                      "obs['<model>_pred'], obsm['<model>_proba'] and obsm['X_<model>'] (never the input file).")
-    q.add_argument("--model-dir", required=True, help="folder written by 'biogen annotate train'")
+    q.add_argument("--model", "--model-dir", dest="model_dir", required=True,
+                   help="folder written by 'biogen annotate train' (--model-dir: the older spelling)")
     q.add_argument("--h5ad", required=True, help="query AnnData with raw counts")
     q.add_argument("--out", required=True, help="output .h5ad")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

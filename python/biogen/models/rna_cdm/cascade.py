@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import make_scheduler, sample as diffusion_sample
-from ..nn.unet import UNet, UNetConfig, UNET_PRESETS
-from ..utils import atomic_path
+from ...diffusion import make_scheduler, sample as diffusion_sample
+from ...nn.unet import UNet, UNetConfig, UNET_PRESETS
+from ...utils import atomic_path
 
 __all__ = ["CASCADE_PRESETS", "CascadeConfig", "CascadeTrainConfig", "LatentTokens", "RNACDM", "cascade_preset",
            "train_cascade"]
@@ -454,7 +454,7 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     clock-driven learning rate use the ranks' mean elapsed time, so all ranks stop together. Under
     NCCL the model is moved to this rank's GPU.
     """
-    from .. import distributed as bdist
+    from ... import distributed as bdist
 
     tc = config or CascadeTrainConfig()
     c = model.config

@@ -9,15 +9,15 @@ from PIL import Image
 
 from biogen.data.paired import load_paired
 from biogen.data.toy_tissue import ToyTissueConfig, simulate_toy_tissue
-from biogen.models.rna_cdm import (
+from biogen.models.rna_cdm.cascade import (
     CascadeTrainConfig,
     RNACDM,
     cascade_preset,
     train_cascade,
 )
-from biogen.models.rna_vae import RNAEncoder, RNAVAE, RNAVAEConfig, VAETrainConfig, kl_divergence
+from biogen.models.rna_cdm.vae import RNAEncoder, RNAVAE, RNAVAEConfig, VAETrainConfig, kl_divergence
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LATENT = 8
 
 

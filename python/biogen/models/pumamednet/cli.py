@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cliargs import add_device, add_out, add_resume, add_seed, command_group
+
 
 def _device(name: str):
     """The torch device for ``--device``; under torchrun each process's own (see :mod:`biogen.distributed`):
     ``cpu`` trains on CPUs with Gloo, anything else on the process's GPU (``LOCAL_RANK``) with NCCL."""
     import torch
 
-    from .. import distributed as bdist
+    from ... import distributed as bdist
 
     if bdist.launched_by_torchrun():
         bdist.init("gloo" if name == "cpu" or not torch.cuda.is_available() else "nccl")
@@ -26,7 +28,7 @@ def _device(name: str):
 
 
 def _read(data: str | Path, size: int, channels: int):
-    from .pumamednet import load_images
+    from .data import load_images
 
     folder = load_images(data, size=size, grayscale=channels == 1)
     for note in folder.notes[:5]:
@@ -50,10 +52,11 @@ def _train(data, out: Path, cfg, device, val_fraction: float, resume: bool = Fal
     """
     import torch
 
-    from .. import distributed as bdist
-    from ..data.images import save_grid
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, fit_classifier, fit_vae
+    from ... import distributed as bdist
+    from ...data.images import save_grid
+    from ...utils import write_json
+    from .network import PumaMedNet
+    from .training import fit_classifier, fit_vae
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -91,7 +94,7 @@ def _train(data, out: Path, cfg, device, val_fraction: float, resume: bool = Fal
 
 
 def _config_from_args(args):
-    from .pumamednet import PRESETS
+    from .network import PRESETS
 
     over = {k: v for k, v in {
         "image_size": args.image_size, "latent_dim": args.latent_dim, "beta": args.beta, "epochs": args.epochs,
@@ -107,8 +110,8 @@ def _config_from_args(args):
 
 
 def _cmd_train(args) -> int:
-    from .. import distributed as bdist
-    from ..utils import prepare_output_dir
+    from ... import distributed as bdist
+    from ...utils import prepare_output_dir
 
     cfg = _config_from_args(args)
     dev = _device(args.device)
@@ -131,8 +134,9 @@ def _cmd_train(args) -> int:
 def _explain(model_dir, data, out: Path, device, n_images: int, n_steps: int, top_k: int) -> dict:
     import torch
 
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, explain
+    from ...utils import write_json
+    from .explain import explain
+    from .network import PumaMedNet
 
     model = PumaMedNet.load(model_dir, map_location=device)
     folder = _read(data, model.cfg.image_size, model.cfg.in_channels)
@@ -144,7 +148,7 @@ def _explain(model_dir, data, out: Path, device, n_images: int, n_steps: int, to
 
 
 def _cmd_explain(args) -> int:
-    from ..utils import prepare_output_dir
+    from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     res = _explain(args.model, args.data, out, _device(args.device), args.n_images, args.n_steps, args.top_k)
@@ -197,8 +201,9 @@ def _audit(model_dir, data, out: Path, device, *, metadata=None, attributes=None
            threshold: float = 0.2, seed: int = 0):
     import torch
 
-    from ..utils import write_json
-    from .pumamednet import PumaMedNet, bias_audit, plot_audit
+    from ...utils import write_json
+    from .audit import bias_audit, plot_audit
+    from .network import PumaMedNet
 
     model = PumaMedNet.load(model_dir, map_location=device)
     folder = _read(data, model.cfg.image_size, model.cfg.in_channels)
@@ -227,7 +232,7 @@ def _print_audit(rep, n: int = 5) -> None:
 
 
 def _cmd_audit(args) -> int:
-    from ..utils import prepare_output_dir
+    from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     rep = _audit(args.model, args.data, out, _device(args.device), metadata=args.metadata,
@@ -239,9 +244,11 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .. import distributed as bdist
-    from ..utils import prepare_output_dir, write_json
-    from .pumamednet import PRESETS, grid_regions, make_synthetic_cxr, write_synthetic_folder
+    from ... import distributed as bdist
+    from ...utils import prepare_output_dir, write_json
+    from .audit import grid_regions
+    from .data import make_synthetic_cxr, write_synthetic_folder
+    from .network import PRESETS
 
     dev = _device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
@@ -291,20 +298,17 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="folder of a trained model (the model/ folder written by train)")
         p.add_argument("--data", required=True, help="image folder, one sub-folder per class (PNG, JPEG, DICOM)")
-    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default: cpu)")
+    add_out(p)
+    add_device(p)
 
 
 def add_cli(sub) -> None:
-    from .pumamednet import PRESETS
+    from .network import PRESETS
 
-    top = sub.add_parser(
-        "pumamednet", help="denoising beta-VAE for explainable, bias-aware image classification",
+    ps = command_group(
+        sub, "pumamednet", help="denoising beta-VAE for explainable, bias-aware image classification",
         description="PumaMedNet: a denoising beta-VAE with attention-weighted reconstruction; a classifier on "
         "the latent mean; explanations (reconstructions, latent traversals, attention maps) and a bias audit.")
-    ps = top.add_subparsers(dest="pumamednet_command", metavar="ACTION")
-    top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
 
     p = ps.add_parser("train", help="train the VAE and the latent classifier on an image folder",
                       description="Train on an image folder (one sub-folder per class). Writes model/ "
@@ -324,9 +328,8 @@ def add_cli(sub) -> None:
     p.add_argument("--finetune", action="store_true", help="fine-tune the encoder with the classifier")
     p.add_argument("--no-attention", action="store_true", help="unweighted reconstruction loss (no attention head)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation (default 0.2)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/checkpoint (same data and options; any number of processes)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_resume(p, "continue an interrupted run from OUT/checkpoint (same data and options; any number of processes)")
+    add_seed(p, default=None)
     p.set_defaults(func=_cmd_train)
 
     p = ps.add_parser("explain", help="write reconstructions, latent traversals and attention maps",
@@ -349,7 +352,7 @@ def add_cli(sub) -> None:
     p.add_argument("--region", action="append", help="named region NAME=y0:y1,x0:x1 in pixels (repeatable)")
     p.add_argument("--grid", type=int, default=4, help="also audit a GRID x GRID tiling of the image; 0: none (default 4)")
     p.add_argument("--threshold", type=float, default=0.2, help="flip rate from which a candidate is flagged (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing swap donors (default 0)")
+    add_seed(p, "seed for choosing swap donors (default 0)")
     p.set_defaults(func=_cmd_audit)
 
     p = ps.add_parser("demo", help="synthetic chest X-rays with a planted shortcut: train, explain, audit",
@@ -364,5 +367,5 @@ def add_cli(sub) -> None:
                    help="marker/label correlation in training, 0..1; 0 plants no shortcut (default 0.9)")
     p.add_argument("--epochs", type=int, help="VAE epochs (overrides the preset)")
     p.add_argument("--threshold", type=float, default=0.2, help="flip rate from which a candidate is flagged (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_seed(p)
     p.set_defaults(func=_cmd_demo)

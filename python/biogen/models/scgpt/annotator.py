@@ -53,7 +53,7 @@ class ScGPTAnnotator:
         self.model = None
 
     def fit(self, train, label_key: str, *, layer: Optional[str] = None, batch_key: Optional[str] = None) -> None:
-        from .scgpt import ScGPT
+        from .model import ScGPT
 
         r = self.recipe
         self.model = ScGPT(train, label_key=label_key, batch_key=batch_key, layer=layer, config=r["model"],
@@ -66,7 +66,7 @@ class ScGPTAnnotator:
                        progress=self.progress, seed=self.seed)
 
     def predict(self, test):
-        from ..sc.benchmark import Prediction
+        from ...sc.benchmark import Prediction
 
         if self.model is None:
             raise ValueError("fit() the annotator before predict()")
@@ -82,7 +82,7 @@ class ScGPTAnnotator:
 
     @classmethod
     def load(cls, path) -> "ScGPTAnnotator":
-        from .scgpt import ScGPT
+        from .model import ScGPT
 
         ann = cls()
         ann.model = ScGPT.load(str(Path(path)))

@@ -1,4 +1,4 @@
-"""Original scBERT checkpoints -> :class:`~biogen.models.scbert_module.ScBERTModel`.
+"""Original scBERT checkpoints -> :class:`~biogen.models.scbert.network.ScBERTModel`.
 
 The original (TencentAILabHealthcare/scBERT) saves ``torch.save({"model_state_dict": ..., ...})`` of
 its vendored performer-pytorch ``PerformerLM`` (gene2vec positional embedding ``pos_emb.emb``,
@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .scbert_module import ScBERTConfig, ScBERTModel
+from .network import ScBERTConfig, ScBERTModel
 
 __all__ = ["load_scbert_checkpoint", "map_scbert_keys"]
 

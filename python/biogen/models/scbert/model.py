@@ -1,6 +1,6 @@
 """scBERT-style model for single-cell RNA-seq (SPEC 2.3): the user-facing class that owns AnnData.
 
-The network is :class:`~biogen.models.scbert_module.ScBERTModel`; this module adds the
+The network is :class:`~biogen.models.scbert.network.ScBERTModel`; this module adds the
 tokeniser (SPEC 2.1 scBERT tokens on a fixed gene panel), gene-vector files (gene2vec), and the
 scvi-tools-style wrapper :class:`ScBERT` with the same API as :class:`biogen.models.scgpt.ScGPT`
 (pretraining, fine-tuning with validation / early stopping / resumable checkpoints, prediction
@@ -22,10 +22,7 @@ Example
 
 from __future__ import annotations
 
-import copy as _copy
-import json
 import os
-from dataclasses import replace
 from typing import Optional, Union
 
 import numpy as np
@@ -33,20 +30,16 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .scbert_checkpoint import load_scbert_checkpoint, map_scbert_keys
-from .scbert_module import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
-from ..utils import write_json as _write_json
-from ._sc_trainer import check_train_args, fit_loop
-from ._sc_trainer import load_weights as _load_weights
-from ._sc_trainer import save_weights as _save_weights
-from .scgpt import _categories, _check_adata, _obs_column, _to_py
+from ..singlecell.base import SingleCellModel, check_adata, obs_column, to_py
+from ..singlecell.training import check_train_args, fit_loop
+from .checkpoint import load_scbert_checkpoint, map_scbert_keys
+from .network import MASK_TOKEN, N_BINS, ScBERTConfig, ScBERTModel, ScBERTOutput
 
 __all__ = [
     "MASK_TOKEN", "N_BINS", "ScBERT", "ScBERTConfig", "ScBERTModel", "ScBERTOutput", "ScBERTTokens",
     "load_gene_vectors", "load_scbert_checkpoint", "map_scbert_keys", "scbert_tokens",
 ]
 
-_FORMAT = "biogen.ScBERT"
 UNASSIGNED = "Unassigned"
 
 
@@ -177,7 +170,7 @@ def load_gene_vectors(path: str) -> tuple[list[str], np.ndarray]:
 # ---------------------------------------------------------------------------- user class
 
 
-class ScBERT:
+class ScBERT(SingleCellModel):
     """scBERT-style model on an AnnData: MLM pretraining, cell-type fine-tuning, prediction, embeddings.
 
     Same API as :class:`biogen.models.scgpt.ScGPT`, so the two are interchangeable.
@@ -197,27 +190,21 @@ class ScBERT:
     **config_overrides : fields of :class:`ScBERTConfig` replacing the preset's.
     """
 
+    _FORMAT = "biogen.ScBERT"
+    _CONFIG = ScBERTConfig
+    _HEAD = "cls_head"
+    _PREDICT_BATCH = 16
+
     def __init__(self, adata, label_key: Optional[str] = None, batch_key: Optional[str] = None,
                  layer: Optional[str] = None, config: Union[str, ScBERTConfig] = "small", vocab=None,
                  device: Optional[Union[str, torch.device]] = None, gene_vectors: Optional[str] = None,
                  **config_overrides):
-        from biogen.sc import GeneVocab
-
         if batch_key is not None:
             raise ValueError("ScBERT has no batch embedding; batch_key must be None (scBERT ignores batches)")
-        _check_adata(adata, layer)
-        cfg = _make_config(config, config_overrides)
-        label_categories = None
-        if label_key is not None:
-            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
-            if len(label_categories) < 2:
-                raise ValueError(f"label_key {label_key!r} has {len(label_categories)} class(es); a classifier "
-                                 "needs at least 2")
-        if vocab is None:
-            vocab = GeneVocab.from_adata(adata)
-        elif not isinstance(vocab, GeneVocab):
-            raise TypeError(f"vocab must be a biogen.sc.GeneVocab, got {type(vocab).__name__}")
-        vocab.map_genes(adata, min_overlap=0.5)
+        check_adata(adata, layer)
+        cfg = self._make_config(config, config_overrides)
+        label_categories = self._label_categories(adata, label_key)
+        vocab = self._vocab_for(adata, vocab)
         module = ScBERTModel(cfg, len(vocab.genes), n_classes=len(label_categories or ()))
         if gene_vectors is not None:
             _init_gene_vectors(module, vocab, gene_vectors)
@@ -225,18 +212,7 @@ class ScBERT:
         self.adata = adata
 
     def _setup(self, module, vocab, label_key, layer, label_categories, device):
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.module = module.to(self.device)
-        self.vocab = vocab
-        self.label_key, self.batch_key, self.layer = label_key, None, layer
-        self.label_categories = None if label_categories is None else [_to_py(c) for c in label_categories]
-        self.history: list[dict] = []
-        self.adata = None
-
-    @property
-    def config(self) -> ScBERTConfig:
-        return self.module.config
+        self._setup_base(module, vocab, label_key, None, layer, label_categories, device)
 
     def __repr__(self) -> str:
         c = self.config
@@ -249,9 +225,9 @@ class ScBERT:
         return scbert_tokens(adata, self.vocab, layer=self.layer, min_overlap=min_overlap)
 
     def _labels(self, adata) -> np.ndarray:
-        col = _obs_column(adata, self.label_key, "label_key")
+        col = obs_column(adata, self.label_key, "label_key")
         index = {c: i for i, c in enumerate(self.label_categories)}
-        return np.array([index.get(_to_py(v), -1) if not pd.isna(v) else -1 for v in col], dtype=np.int64)
+        return np.array([index.get(to_py(v), -1) if not pd.isna(v) else -1 for v in col], dtype=np.int64)
 
     # ------------------------------------------------------------------ training
 
@@ -347,7 +323,6 @@ class ScBERT:
 
     @torch.no_grad()
     def _run(self, adata, batch_size: int, min_gene_overlap, classify: bool):
-        _check_adata(adata, self.layer)
         toks = self._tokens(adata, min_gene_overlap)
         self.module.eval()
         embs, logits = [], []
@@ -358,16 +333,6 @@ class ScBERT:
             if out.logits is not None:
                 logits.append(out.logits.float().cpu())
         return torch.cat(embs), (torch.cat(logits) if logits else None)
-
-    def get_latent_representation(self, adata=None, batch_size: int = 16, normalize: bool = True,
-                                  min_gene_overlap: Union[float, int] = 0.5) -> np.ndarray:
-        """Cell embeddings (n_cells, dim) float32: mean of the encoder output over the panel genes
-        (the extra last position excluded), L2-normalised when ``normalize``."""
-        adata = self._default_adata(adata)
-        emb, _ = self._run(adata, batch_size, min_gene_overlap, classify=False)
-        if normalize:
-            emb = torch.nn.functional.normalize(emb, dim=1)
-        return emb.numpy().astype(np.float32)
 
     def predict(self, adata=None, prefix: str = "scbert", batch_size: int = 16, copy: bool = False,
                 overwrite: bool = False, min_gene_overlap: Union[float, int] = 0.5,
@@ -381,18 +346,9 @@ class ScBERT:
         ``obsm[f"X_{prefix}"]`` (n_cells, dim) L2-normalised cell embeddings, metadata in
         ``uns[prefix]``. Copy / overwrite policy as :meth:`ScGPT.predict`.
         """
-        if self.module.cls_head is None:
-            raise ValueError("this model has no classifier (constructed without label_key); use "
-                             "get_latent_representation() for embeddings")
         if unassigned_threshold is not None and not 0 <= unassigned_threshold <= 1:
             raise ValueError(f"unassigned_threshold must be in [0, 1] or None, got {unassigned_threshold!r}")
-        adata = self._default_adata(adata)
-        _check_adata(adata, self.layer)
-        keys = [("obs", f"{prefix}_pred"), ("obsm", f"{prefix}_proba"), ("obsm", f"X_{prefix}")]
-        ours = isinstance(adata.uns.get(prefix), dict) and adata.uns[prefix].get("writer") == _FORMAT
-        clash = [f"{a}[{k!r}]" for a, k in keys if k in getattr(adata, a).keys()]
-        if clash and not (ours or overwrite):
-            raise ValueError(f"adata already has {clash}; pass overwrite=True or another prefix")
+        adata = self._prepare_predict(adata, prefix, overwrite)
         emb, logits = self._run(adata, batch_size, min_gene_overlap, classify=True)
         proba = torch.softmax(logits, dim=1).numpy()
         cats = list(self.label_categories)
@@ -401,66 +357,23 @@ class ScBERT:
             if UNASSIGNED not in cats:
                 cats = cats + [UNASSIGNED]
             codes = np.where(proba.max(1) < unassigned_threshold, cats.index(UNASSIGNED), codes)
-        target = adata.copy() if copy else adata
-        target.obs[f"{prefix}_pred"] = pd.Categorical.from_codes(codes, categories=cats)
-        target.obsm[f"{prefix}_proba"] = proba.astype(np.float32)
-        target.obsm[f"X_{prefix}"] = torch.nn.functional.normalize(emb, dim=1).numpy().astype(np.float32)
-        target.uns[prefix] = {"writer": _FORMAT, "classes": [str(c) for c in self.label_categories],
-                              "label_key": self.label_key or "",
-                              "unassigned_threshold": -1.0 if unassigned_threshold is None else float(unassigned_threshold),
-                              "config": {k: ("" if v is None else v) for k, v in self.config.to_dict().items()}}
-        return target
-
-    def _default_adata(self, adata):
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("pass adata: this model was loaded without one")
-            return self.adata
-        return adata
+        return self._write_predictions(
+            adata, prefix, copy, emb, proba, codes, cats,
+            unassigned_threshold=-1.0 if unassigned_threshold is None else float(unassigned_threshold))
 
     # ------------------------------------------------------------------ persistence
 
     def _meta(self) -> dict:
-        return {"format": _FORMAT, "version": 1, "config": self.config.to_dict(), "n_genes": self.module.n_genes,
+        return {"format": self._FORMAT, "version": 1, "config": self.config.to_dict(), "n_genes": self.module.n_genes,
                 "n_classes": self.module.n_classes, "label_key": self.label_key, "layer": self.layer,
                 "label_categories": self.label_categories}
 
-    def _write_meta(self, folder: str) -> None:
-        _write_json(os.path.join(folder, "config.json"), self._meta())
-        self.vocab.save(os.path.join(folder, "vocab.json"))
+    @staticmethod
+    def _module_from_meta(meta: dict) -> ScBERTModel:
+        return ScBERTModel(ScBERTConfig.from_dict(meta["config"]), meta["n_genes"], n_classes=meta["n_classes"])
 
-    def save(self, path: str, overwrite: bool = False) -> None:
-        """Write ``model.safetensors``, ``config.json`` and ``vocab.json`` (the panel) into folder
-        ``path``, each atomically; an existing saved model is replaced only with ``overwrite=True``."""
-        if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
-        os.makedirs(path, exist_ok=True)
-        _save_weights(os.path.join(path, "model.safetensors"), self.module)
-        self._write_meta(path)
-
-    @classmethod
-    def load(cls, path: str, adata=None, device: Optional[Union[str, torch.device]] = None) -> "ScBERT":
-        """Load a model written by :meth:`save` (or a checkpoint folder of :meth:`fit`); ``adata``
-        becomes the default data of :meth:`predict` and of further training."""
-        from biogen.sc import GeneVocab
-
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path} holds no config.json; is it a folder written by ScBERT.save()?")
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{cfg_path} is not a {_FORMAT} config")
-        vocab = GeneVocab.load(os.path.join(path, "vocab.json"))
-        module = ScBERTModel(ScBERTConfig.from_dict(meta["config"]), meta["n_genes"], n_classes=meta["n_classes"])
-        module.load_state_dict(_load_weights(os.path.join(path, "model.safetensors")))
-        self = cls.__new__(cls)
+    def _restore(self, module, vocab, meta: dict, device) -> None:
         self._setup(module, vocab, meta["label_key"], meta["layer"], meta["label_categories"], device)
-        self.module.eval()
-        if adata is not None:
-            _check_adata(adata, self.layer)
-            self.adata = adata
-        return self
 
     @classmethod
     def from_scbert_checkpoint(cls, path: str, adata, genes, label_key: Optional[str] = None,
@@ -481,13 +394,10 @@ class ScBERT:
             raise ValueError(f"the checkpoint has a panel of {module.n_genes} genes, but {len(genes)} gene names "
                              "were given")
         vocab = GeneVocab(genes)
-        _check_adata(adata, layer)
+        check_adata(adata, layer)
         vocab.map_genes(adata, min_overlap=0.5)
-        label_categories = None
-        if label_key is not None:
-            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
-            if len(label_categories) < 2:
-                raise ValueError(f"label_key {label_key!r} has fewer than 2 classes")
+        label_categories = cls._label_categories(adata, label_key)
+        if label_categories is not None:
             module.replace_classifier(len(label_categories))
         elif module.cls_head is not None:
             label_categories = [f"class_{i}" for i in range(module.n_classes)]
@@ -514,10 +424,3 @@ def _init_gene_vectors(module: ScBERTModel, vocab, path: str) -> None:
     full[idx] = vec[[row[panel[i]] for i in idx]]
     module.set_gene_vectors(torch.from_numpy(full), torch.from_numpy(known))
 
-
-def _make_config(config, overrides: dict) -> ScBERTConfig:
-    if isinstance(config, str):
-        return ScBERTConfig.preset(config, **overrides)
-    if isinstance(config, ScBERTConfig):
-        return replace(config, **overrides) if overrides else _copy.copy(config)
-    raise TypeError(f"config must be a preset name or an ScBERTConfig, got {type(config).__name__}")

@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ...cliargs import add_out, add_resume, add_seed, command_group
+
 __all__ = ["add_cli", "evaluate_generated", "run_demo"]
 
 
@@ -23,7 +25,7 @@ def _latents_per_tile(encoder, paired) -> np.ndarray:
 
 def _intended_fractions(adata, rna: Optional[np.ndarray] = None, fractions_key: Optional[str] = None) -> Optional[np.ndarray]:
     """Fractions implied by the RNA: deconvolution on ``uns['signatures']`` or ``obsm[fractions_key]``."""
-    from ..data.toy_tissue import deconvolve
+    from ...data.toy_tissue import deconvolve
 
     if fractions_key is not None:
         if fractions_key not in adata.obsm:
@@ -47,8 +49,8 @@ def evaluate_generated(model, z: np.ndarray, intended: Optional[np.ndarray], *, 
     """
     import torch
 
-    from ..data.toy_tissue import CELL_TYPES, NucleusCounter
-    from ..metrics import composition_fidelity
+    from ...data.toy_tissue import CELL_TYPES, NucleusCounter
+    from ...metrics import composition_fidelity
 
     zr = np.repeat(np.asarray(z, np.float32), tiles_per_sample, axis=0)
     out = []
@@ -69,7 +71,7 @@ def evaluate_generated(model, z: np.ndarray, intended: Optional[np.ndarray], *, 
 
 
 def _fid_kid(real: np.ndarray, fake: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray, seed: int = 0) -> dict:
-    from ..metrics import DomainFeatures, evaluate_images
+    from ...metrics import DomainFeatures, evaluate_images
 
     ext = DomainFeatures.train(train_images, train_labels, epochs=3, seed=seed)
     n = min(len(real), len(fake))
@@ -97,7 +99,7 @@ def _js(obj):
 
 
 def _grid_rows(rows: list[np.ndarray], path: Path, ncol: int) -> None:
-    from ..data.images import save_grid
+    from ...data.images import save_grid
 
     imgs = np.concatenate(rows)
     save_grid(imgs, path, nrow=ncol)
@@ -118,13 +120,13 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     """
     import torch
 
-    from .. import distributed as bdist
-    from ..data.paired import load_paired
-    from ..data.toy_tissue import CELL_TYPES, ToyTissueConfig, perturb_rna, simulate_toy_tissue
-    from ..metrics import perturbation_effect, plot_composition
-    from ..utils import prepare_output_dir, write_json
-    from .rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
-    from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
+    from ... import distributed as bdist
+    from ...data.paired import load_paired
+    from ...data.toy_tissue import CELL_TYPES, ToyTissueConfig, perturb_rna, simulate_toy_tissue
+    from ...metrics import perturbation_effect, plot_composition
+    from ...utils import prepare_output_dir, write_json
+    from .cascade import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
+    from .vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
     log = log or (lambda msg: print(msg, flush=True))  # flushed: progress shows when stdout is a file
     bdist.init()
@@ -204,8 +206,8 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
                      adata.obs["cancer_type"].cat.codes.to_numpy()[paired.sample_index[tile_train]], seed)
 
     # the counter on real held-out tiles: the ceiling the generated tiles are judged against
-    from ..data.toy_tissue import NucleusCounter
-    from ..metrics import composition_fidelity
+    from ...data.toy_tissue import NucleusCounter
+    from ...metrics import composition_fidelity
 
     c = NucleusCounter()
     real_counted = c.fractions(c.count_many(real_test))
@@ -274,8 +276,8 @@ def _output_dir(args) -> Path:
 
     Under torchrun every process trains and only rank 0 writes (see :mod:`biogen.distributed`).
     """
-    from .. import distributed as bdist
-    from ..utils import prepare_output_dir
+    from ... import distributed as bdist
+    from ...utils import prepare_output_dir
 
     bdist.init()
     if getattr(args, "resume", None) is True:  # train-vae --resume: the folder of the interrupted run
@@ -291,9 +293,9 @@ def _output_dir(args) -> Path:
 def _cmd_train_vae(args) -> int:
     import anndata as ad
 
-    from .. import distributed as bdist
-    from ..utils import write_json
-    from .rna_vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
+    from ... import distributed as bdist
+    from ...utils import write_json
+    from .vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
     out = _output_dir(args)
     adata = ad.read_h5ad(args.rna)
@@ -309,7 +311,7 @@ def _cmd_train_vae(args) -> int:
         return 0
     enc.save(out / "vae.safetensors")
     enc.export_latents(adata, args.obsm_key)
-    from ..utils import atomic_path
+    from ...utils import atomic_path
 
     with atomic_path(out / "latents.h5ad") as tmp:
         adata.write_h5ad(tmp)
@@ -324,11 +326,11 @@ def _cmd_train_vae(args) -> int:
 def _cmd_train(args) -> int:
     import torch
 
-    from .. import distributed as bdist
-    from ..data.paired import load_paired
-    from ..utils import write_json
-    from .rna_cdm import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
-    from .rna_vae import RNAEncoder
+    from ... import distributed as bdist
+    from ...data.paired import load_paired
+    from ...utils import write_json
+    from .cascade import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
+    from .vae import RNAEncoder
 
     out = _output_dir(args)
     enc = RNAEncoder.load(args.vae)
@@ -358,10 +360,10 @@ def _cmd_sample(args) -> int:
     import anndata as ad
     import torch
 
-    from ..data.images import save_grid
-    from ..utils import atomic_path, prepare_output_dir
-    from .rna_cdm import RNACDM
-    from .rna_vae import RNAEncoder
+    from ...data.images import save_grid
+    from ...utils import atomic_path, prepare_output_dir
+    from .cascade import RNACDM
+    from .vae import RNAEncoder
     from PIL import Image
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
@@ -391,12 +393,12 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from ..data.paired import load_paired
-    from ..data.toy_tissue import CELL_TYPES
-    from ..metrics import plot_composition
-    from ..utils import prepare_output_dir, write_json
-    from .rna_cdm import RNACDM
-    from .rna_vae import RNAEncoder
+    from ...data.paired import load_paired
+    from ...data.toy_tissue import CELL_TYPES
+    from ...metrics import plot_composition
+    from ...utils import prepare_output_dir, write_json
+    from .cascade import RNACDM
+    from .vae import RNAEncoder
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
@@ -431,17 +433,16 @@ def _cmd_demo(args) -> int:
 
 
 def add_cli(sub) -> None:
-    from .rna_cdm import CASCADE_PRESETS, SCHEDULER_NAMES
+    from .cascade import CASCADE_PRESETS, SCHEDULER_NAMES
 
-    p = sub.add_parser("rnacdm", help="RNA-CDM: RNA beta-VAE + cascaded diffusion from bulk RNA to histology tiles",
+    rs = command_group(sub, "rnacdm", metavar="SUBCOMMAND",
+                       help="RNA-CDM: RNA beta-VAE + cascaded diffusion from bulk RNA to histology tiles",
                        description="RNA-to-histology synthesis (seeds 000/002): train the RNA beta-VAE, train the "
                        "cascade, sample tiles for RNA profiles, evaluate them, or run the toy-tissue demo.")
-    rs = p.add_subparsers(dest="rnacdm_command", metavar="SUBCOMMAND")
 
     def common(q, out_help):
-        q.add_argument("--out", required=True, help=out_help)
-        q.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        add_out(q, out_help)
+        add_seed(q)
 
     q = rs.add_parser("train-vae", help="train the RNA beta-VAE on an .h5ad (one row per sample)",
                       description="Train the beta-VAE on log expression; writes vae.safetensors (weights + z-score "
@@ -460,8 +461,8 @@ def add_cli(sub) -> None:
     q.add_argument("--obsm-key", default="X_rnavae", help="obsm key for the latents (default X_rnavae)")
     q.add_argument("--plot", choices=["umap", "pca", "none"], default="umap", help="latent plot (default umap)")
     q.add_argument("--verbose", action="store_true", help="print the loss of every epoch")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/checkpoint "
-                   "(written after every epoch; same data and options, --epochs may grow)")
+    add_resume(q, "continue an interrupted run from OUT/checkpoint (written after every epoch; same data and "
+               "options, --epochs may grow)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_train_vae)
 
@@ -531,9 +532,3 @@ def add_cli(sub) -> None:
     q.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3)")
     common(q, "output folder")
     q.set_defaults(func=_cmd_demo)
-
-    def _help(args, _p=p):
-        _p.print_help()
-        return 2
-
-    p.set_defaults(func=_help)

@@ -26,7 +26,7 @@ from torch import nn
 
 from biogen.models.scgpt import load_scgpt_checkpoint, map_reference_keys
 
-SPEC = json.loads((Path(__file__).parent.parent / "data" / "scgpt_v0.2.4_tiny_params.json").read_text())
+SPEC = json.loads((Path(__file__).parent.parent.parent / "data" / "scgpt_v0.2.4_tiny_params.json").read_text())
 
 
 def _random_state(params, seed=0):

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .scgpt_module import ScGPTConfig, ScGPTModel
+from .network import ScGPTConfig, ScGPTModel
 
 #: reference parameters with no counterpart here that can be dropped without changing what
 #: biogen computes: the generative flag embedding (biogen marks unknown genes by their value and

@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .. import distributed as bdist
-from ..utils import atomic_path, write_json
+from ... import distributed as bdist
+from ...utils import atomic_path, write_json
 
 __all__ = ["validation_split", "autocast", "check_train_args", "fit_loop", "save_weights", "load_weights", "atomic_write"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from biogen.models.scgpt_module import ScGPTConfig, ScGPTModel
+from biogen.models.scgpt.network import ScGPTConfig, ScGPTModel
 from biogen.nn.transformer import TransformerEncoderLayer
 
 N_TOKENS, PAD, CLS = 40, 0, 1

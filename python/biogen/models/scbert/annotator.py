@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from .scbert import ScBERT
-from ..utils import write_json as _write_json
+from .model import ScBERT
+from ...utils import write_json as _write_json
 
 __all__ = ["ScBERTAnnotator"]
 

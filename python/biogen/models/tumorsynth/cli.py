@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 
+from ...cliargs import add_no_progress, add_out, add_resume, add_seed, command_group
+
 
 def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    from ..data.images import read_image_folder
-    from ..data.phantoms import brain_phantoms
+    from ...data.images import read_image_folder
+    from ...data.phantoms import brain_phantoms
 
     if args.data:
         folder = read_image_folder(args.data, size=args.image_size, grayscale=True)
@@ -24,7 +26,7 @@ def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
 
 
 def _cmd_train(args) -> int:
-    from .tumorsynth import TumorSynthConfig, train
+    from .training import TumorSynthConfig, train
 
     images, labels, classes = _load_images(args)
     config = TumorSynthConfig(generator=args.generator, image_size=args.image_size, batch_size=args.batch_size,
@@ -40,8 +42,8 @@ def _cmd_train(args) -> int:
 def _cmd_sample(args) -> int:
     import torch
 
-    from ..data.images import save_grid
-    from .tumorsynth import load_generator, sample
+    from ...data.images import save_grid
+    from .training import load_generator, sample
 
     G, _ = load_generator(args.run, best=not args.last)
     labels = None
@@ -56,8 +58,8 @@ def _cmd_sample(args) -> int:
 
 
 def _extractor(args, real, real_labels):
-    from ..metrics import InceptionFeatures
-    from .tumorsynth import default_extractor
+    from ...metrics import InceptionFeatures
+    from .training import default_extractor
 
     if args.extractor == "inception":
         return InceptionFeatures(args.inception_weights)
@@ -67,8 +69,8 @@ def _extractor(args, real, real_labels):
 def _cmd_evaluate(args) -> int:
     from dataclasses import asdict
 
-    from ..data.images import read_image_folder
-    from ..metrics import evaluate_images
+    from ...data.images import read_image_folder
+    from ...metrics import evaluate_images
 
     real = read_image_folder(args.real, size=args.image_size)
     fake = read_image_folder(args.fake, size=args.image_size)
@@ -79,15 +81,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from ..utils import prepare_output_dir
-    from .tumorsynth import TumorSynthConfig, train
-    from ..data.phantoms import brain_phantoms
+    from ...utils import prepare_output_dir
+    from .training import TumorSynthConfig, train
+    from ...data.phantoms import brain_phantoms
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     images, labels = brain_phantoms(args.phantoms, size=args.image_size, seed=0)
     config = TumorSynthConfig(image_size=args.image_size, epochs=args.epochs, batch_size=4, n_eval_samples=32)
     res = train(images, labels, config=config, out_dir=out / "run", resume=False, progress=not args.no_progress)
-    from ..data.images import save_grid
+    from ...data.images import save_grid
 
     save_grid(images[:32], out / "real_phantoms.png")
     rows = ["| epoch | loss D | loss G | KID | diversity |", "|---|---|---|---|---|"]
@@ -103,16 +105,16 @@ def _cmd_demo(args) -> int:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("tumorsynth", help="GANs for 128x128 brain MRI (TumorSynth) and their metrics",
-                       description="Train, sample and evaluate the TumorSynth GANs (seed 003).")
-    s = p.add_subparsers(dest="tumorsynth_command", metavar="COMMAND", required=True)
+    s = command_group(sub, "tumorsynth", metavar="COMMAND",
+                      help="GANs for 128x128 brain MRI (TumorSynth) and their metrics",
+                      description="Train, sample and evaluate the TumorSynth GANs (seed 003).")
 
     def data_opts(q):
         q.add_argument("--data", help="folder of MRI images (PNG/JPEG/DICOM), one sub-folder per class "
                        "(e.g. tumour/, none/) or flat; default: synthetic phantoms")
         q.add_argument("--phantoms", type=int, default=256, help="number of synthetic phantoms when --data is not given (default 256)")
         q.add_argument("--image-size", type=int, default=128, help="images are resized to this square size (default 128, the seed's)")
-        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        add_seed(q)
 
     t = s.add_parser("train", help="train a GAN, checkpointing every epoch",
                      description="Train Generator 1 or 2 against the discriminator with BCE and Adam; "
@@ -120,7 +122,7 @@ def add_cli(sub) -> None:
                      "Runs data-parallel when started with torchrun (--batch-size is then the global batch, "
                      "split evenly across processes; only rank 0 writes and prints).")
     data_opts(t)
-    t.add_argument("--out", required=True, help="run folder (must be new or empty unless --resume)")
+    add_out(t, "run folder (must be new or empty unless --resume)", overwrite=False)
     t.add_argument("--generator", choices=["g1", "g2"], default="g1", help="g1: dense + transposed convs (27.8M "
                    "params with D); g2: dense + encoder-decoder (427.6M with D) (default g1)")
     t.add_argument("--epochs", type=int, default=10, help="epochs to train (default 10)")
@@ -128,18 +130,18 @@ def add_cli(sub) -> None:
     t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4; beta1 0.5)")
     t.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     t.add_argument("--dropout", type=float, default=0.4, help="dropout before D's last layer (default 0.4, the seed's)")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_resume(t, "continue from the run folder's last checkpoint")
+    add_no_progress(t)
     t.set_defaults(func=_cmd_train)
 
     q = s.add_parser("sample", help="write a grid of generated images",
                      description="Generate images from a training run's best (lowest-KID) generator.")
     q.add_argument("--run", required=True, help="run folder written by 'biogen tumorsynth train'")
     q.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    q.add_argument("--out", required=True, help="PNG file to write")
+    add_out(q, "PNG file to write", overwrite=False)
     q.add_argument("--label", type=int, help="class to generate (conditional models only)")
     q.add_argument("--last", action="store_true", help="use the last epoch instead of the best")
-    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_seed(q)
     q.set_defaults(func=_cmd_sample)
 
     e = s.add_parser("evaluate", help="FID and KID between two image folders",
@@ -157,11 +159,10 @@ def add_cli(sub) -> None:
     d = s.add_parser("demo", help="train Generator 1 on synthetic phantoms for a few minutes (64 px by default)",
                      description="Train Generator 1 on synthetic brain phantoms and write sample grids, "
                      "loss/KID/diversity curves and report.md.")
-    d.add_argument("--out", default="biogen-tumorsynth-demo", help="output folder (default biogen-tumorsynth-demo)")
+    add_out(d, "output folder (default biogen-tumorsynth-demo)", default="biogen-tumorsynth-demo")
     d.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
     d.add_argument("--phantoms", type=int, default=320, help="number of phantoms (default 320)")
     d.add_argument("--image-size", type=int, default=64,
                    help="image size (default 64, so a CPU gets through enough steps; 128 is the seed's size)")
-    d.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_no_progress(d)
     d.set_defaults(func=_cmd_demo)

@@ -1,6 +1,6 @@
 """scGPT-style foundation model for single-cell RNA-seq: the user-facing class that owns AnnData.
 
-The network itself (tensors in, tensors out) is :class:`~biogen.models.scgpt_module.ScGPTModel`;
+The network itself (tensors in, tensors out) is :class:`~biogen.models.scgpt.network.ScGPTModel`;
 this module adds the scvi-tools-style wrapper :class:`ScGPT` (data checks, tokenisation through
 :mod:`biogen.sc`, pretraining, fine-tuning with validation / early stopping / resumable
 checkpoints, prediction written back into AnnData, save / load) and re-exports the pieces.
@@ -20,66 +20,26 @@ Example
 
 from __future__ import annotations
 
-import copy as _copy
-import json
-import os
 from dataclasses import replace
 from typing import Optional, Union
 
-import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..utils import write_json
-from ._sc_trainer import check_train_args  # the training loop is shared with ScBERT
-from ._sc_trainer import load_weights as _load_weights
-from ._sc_trainer import save_weights as _save_weights
-from .scgpt_checkpoint import load_scgpt_checkpoint, map_reference_keys
-from .scgpt_module import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
+from ..singlecell.base import SingleCellModel, categories, check_adata, obs_column, to_py
+from ..singlecell.training import check_train_args  # the training loop is shared with ScBERT
+from .checkpoint import load_scgpt_checkpoint, map_reference_keys
+from .network import GenerationResult, ScGPTConfig, ScGPTModel, ScGPTOutput
 
 __all__ = [
     "GenerationResult", "ScGPT", "ScGPTConfig", "ScGPTModel", "ScGPTOutput", "load_scgpt_checkpoint",
     "map_reference_keys",
 ]
 
-_FORMAT = "biogen.ScGPT"
 _PRETRAIN_MODES = ("mlm", "generative", "both")
 
 
-# ---------------------------------------------------------------------------- file helpers
-
-
-# ---------------------------------------------------------------------------- data checks
-
-
-def _check_adata(adata, layer: Optional[str], what: str = "adata") -> None:
-    from biogen.sc.preprocess import check_counts
-
-    if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
-        raise TypeError(f"{what} must be an AnnData, got {type(adata).__name__}")
-    check_counts(adata, layer=layer, what=f"{what}.X" if layer is None else f"{what}.layers[{layer!r}]")
-
-
-def _obs_column(adata, key: str, role: str, what: str = "adata"):
-    if key not in adata.obs.columns:
-        raise KeyError(f"{role} {key!r} is not a column of {what}.obs; available columns: "
-                       f"{list(map(str, adata.obs.columns))}")
-    return adata.obs[key]
-
-
-def _categories(series: pd.Series) -> list:
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        used = set(series.dropna().unique().tolist())
-        return [c for c in series.cat.categories if c in used]
-    return sorted(series.dropna().unique().tolist())
-
-
-def _to_py(x):
-    return x.item() if isinstance(x, np.generic) else x
-
-
-class ScGPT:
+class ScGPT(SingleCellModel):
     """scGPT-style model on an AnnData: pretraining, cell-type fine-tuning, prediction, embeddings.
 
     Parameters
@@ -98,29 +58,24 @@ class ScGPT:
     ``vocab``, an invalid config (e.g. ``max_seq_len < 2``) raise with a message naming the problem.
     """
 
+    _FORMAT = "biogen.ScGPT"
+    _CONFIG = ScGPTConfig
+    _HEAD = "cls_decoder"
+    _PREDICT_BATCH = 64
+
     def __init__(self, adata, label_key: Optional[str] = None, batch_key: Optional[str] = None,
                  layer: Optional[str] = None, config: Union[str, ScGPTConfig] = "small", vocab=None,
                  device: Optional[Union[str, torch.device]] = None, **config_overrides):
-        from biogen.sc import GeneVocab
-
-        _check_adata(adata, layer)
-        cfg = _make_config(config, config_overrides)
-        label_categories = batch_categories = None
-        if label_key is not None:
-            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
-            if len(label_categories) < 2:
-                raise ValueError(f"label_key {label_key!r} has {len(label_categories)} class(es); a classifier "
-                                 "needs at least 2")
+        check_adata(adata, layer)
+        cfg = self._make_config(config, config_overrides)
+        label_categories = self._label_categories(adata, label_key)
+        batch_categories = None
         if batch_key is not None:
-            batch_categories = _categories(_obs_column(adata, batch_key, "batch_key"))
+            batch_categories = categories(obs_column(adata, batch_key, "batch_key"))
             if adata.obs[batch_key].isna().any():
                 raise ValueError(f"batch_key {batch_key!r} has missing values")
             cfg = replace(cfg, n_batches=len(batch_categories))
-        if vocab is None:
-            vocab = GeneVocab.from_adata(adata)
-        elif not isinstance(vocab, GeneVocab):
-            raise TypeError(f"vocab must be a biogen.sc.GeneVocab, got {type(vocab).__name__}")
-        vocab.map_genes(adata, min_overlap=0.5)  # raises naming missing genes
+        vocab = self._vocab_for(adata, vocab)
         module = ScGPTModel(cfg, len(vocab), vocab.pad_id, n_classes=len(label_categories or ()))
         self._setup(module, vocab, label_key, batch_key, layer, label_categories, batch_categories, device)
         self.adata = adata
@@ -147,7 +102,7 @@ class ScGPT:
         from biogen.sc import GeneVocab, StreamingScGPTDataset
         from biogen.sc.streaming import h5ad_shards
 
-        cfg = _make_config(config, config_overrides)
+        cfg = cls._make_config(config, config_overrides)
         if vocab is None:
             genes: dict = {}
             for path in h5ad_shards(source):
@@ -172,21 +127,10 @@ class ScGPT:
         return self
 
     def _setup(self, module, vocab, label_key, batch_key, layer, label_categories, batch_categories, device):
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.module = module.to(self.device)
-        self.vocab = vocab
-        self.label_key, self.batch_key, self.layer = label_key, batch_key, layer
-        self.label_categories = None if label_categories is None else [_to_py(c) for c in label_categories]
-        self.batch_categories = None if batch_categories is None else [_to_py(c) for c in batch_categories]
-        self.history: list[dict] = []
-        self.adata = None
+        self._setup_base(module, vocab, label_key, batch_key, layer, label_categories, device)
+        self.batch_categories = None if batch_categories is None else [to_py(c) for c in batch_categories]
         self.source = None  # backed .h5ad file(s) streamed by from_h5ad models
         self._stream_options: dict = {}
-
-    @property
-    def config(self) -> ScGPTConfig:
-        return self.module.config
 
     def __repr__(self) -> str:
         c = self.config
@@ -282,7 +226,7 @@ class ScGPT:
                class_weights, checkpoint_dir, resume, progress, mixed_precision, seed):
         from biogen.sc.data import collate
 
-        from ._sc_trainer import fit_loop
+        from ..singlecell.training import fit_loop
 
         check_train_args(epochs, batch_size, lr, validation_fraction, early_stopping_patience, checkpoint_dir, resume)
         if self.source is not None:
@@ -323,8 +267,8 @@ class ScGPT:
         from biogen.sc import StreamingScGPTDataset
         from biogen.sc.data import collate
 
-        from .. import distributed as bdist
-        from ._sc_trainer import fit_loop
+        from ... import distributed as bdist
+        from ..singlecell.training import fit_loop
 
         if validation_fraction:
             raise ValueError("a model streaming from .h5ad files (from_h5ad) has no validation split: pass "
@@ -360,17 +304,18 @@ class ScGPT:
     # ------------------------------------------------------------------ inference
 
     def _check_query(self, adata, what="adata"):
-        _check_adata(adata, self.layer, what)
+        super()._check_query(adata, what)
         if self.batch_key is not None:
-            col = _obs_column(adata, self.batch_key, "batch_key", what)
+            col = obs_column(adata, self.batch_key, "batch_key", what)
             unknown = sorted(set(col.dropna().unique().tolist()) - set(self.batch_categories))
             if unknown:
                 raise ValueError(f"{what}.obs[{self.batch_key!r}] has batches the model was not trained on: {unknown[:5]}")
 
     @torch.no_grad()
-    def _run(self, adata, batch_size: int, min_gene_overlap, heads):
+    def _run(self, adata, batch_size: int, min_gene_overlap, classify: bool):
         from biogen.sc.data import collate
 
+        heads = ("cls",) if classify else ()
         ds = self._dataset(adata, mask_ratio=0.0, labels=False, seed=0, min_overlap=min_gene_overlap)
         self.module.eval()
         embs, logits = [], []
@@ -382,21 +327,6 @@ class ScGPT:
             if out.logits is not None:
                 logits.append(out.logits.float().cpu())
         return torch.cat(embs), (torch.cat(logits) if logits else None)
-
-    def get_latent_representation(self, adata=None, batch_size: int = 64, normalize: bool = True,
-                                  min_gene_overlap: Union[float, int] = 0.5) -> np.ndarray:
-        """Cell embeddings (n_cells, d_model) float32: the transformer output at ``<cls>``.
-
-        ``normalize`` scales each embedding to unit L2 norm (as scGPT's ``embed_data``), which suits
-        cosine kNN and UMAP. ``adata`` defaults to the training AnnData; ``min_gene_overlap``: the
-        fraction (or count) of the query's genes that must be in the vocabulary.
-        """
-        adata = self._default_adata(adata)
-        self._check_query(adata)
-        emb, _ = self._run(adata, batch_size, min_gene_overlap, heads=())
-        if normalize:
-            emb = torch.nn.functional.normalize(emb, dim=1)
-        return emb.numpy().astype(np.float32)
 
     def predict(self, adata=None, prefix: str = "scgpt", batch_size: int = 64, copy: bool = False,
                 overwrite: bool = False, min_gene_overlap: Union[float, int] = 0.5):
@@ -413,26 +343,10 @@ class ScGPT:
         those names are only replaced when they were written by an earlier ``predict`` with the same
         prefix or when ``overwrite=True``; otherwise a ValueError is raised before any work.
         """
-        if self.module.cls_decoder is None:
-            raise ValueError("this model has no classifier (constructed without label_key); use "
-                             "get_latent_representation() for embeddings")
-        adata = self._default_adata(adata)
-        self._check_query(adata)
-        keys = [("obs", f"{prefix}_pred"), ("obsm", f"{prefix}_proba"), ("obsm", f"X_{prefix}")]
-        ours = isinstance(adata.uns.get(prefix), dict) and adata.uns[prefix].get("writer") == _FORMAT
-        clash = [f"{a}[{k!r}]" for a, k in keys if k in getattr(adata, a).keys()]
-        if clash and not (ours or overwrite):
-            raise ValueError(f"adata already has {clash}; pass overwrite=True or another prefix")
-        emb, logits = self._run(adata, batch_size, min_gene_overlap, heads=("cls",))
+        adata = self._prepare_predict(adata, prefix, overwrite)
+        emb, logits = self._run(adata, batch_size, min_gene_overlap, classify=True)
         proba = torch.softmax(logits, dim=1).numpy()
-        target = adata.copy() if copy else adata
-        cats = self.label_categories
-        target.obs[f"{prefix}_pred"] = pd.Categorical.from_codes(proba.argmax(1), categories=cats)
-        target.obsm[f"{prefix}_proba"] = proba.astype(np.float32)
-        target.obsm[f"X_{prefix}"] = torch.nn.functional.normalize(emb, dim=1).numpy().astype(np.float32)
-        target.uns[prefix] = {"writer": _FORMAT, "classes": [str(c) for c in cats], "label_key": self.label_key or "",
-                              "config": {k: ("" if v is None else v) for k, v in self.config.to_dict().items()}}
-        return target
+        return self._write_predictions(adata, prefix, copy, emb, proba, proba.argmax(1), self.label_categories)
 
     def generate(self, adata=None, unknown_fraction: float = 0.5, n_iters: int = 1, batch_size: int = 64,
                  seed: int = 0) -> list[GenerationResult]:
@@ -460,62 +374,22 @@ class ScGPT:
             results.append(res)
         return results
 
-    def _default_adata(self, adata):
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("pass adata: this model was loaded without one")
-            return self.adata
-        return adata
-
     # ------------------------------------------------------------------ persistence
 
     def _meta(self) -> dict:
-        return {"format": _FORMAT, "version": 1, "config": self.config.to_dict(), "n_tokens": self.module.n_tokens,
+        return {"format": self._FORMAT, "version": 1, "config": self.config.to_dict(), "n_tokens": self.module.n_tokens,
                 "pad_id": self.module.pad_id, "n_classes": self.module.n_classes, "label_key": self.label_key,
                 "batch_key": self.batch_key, "layer": self.layer, "label_categories": self.label_categories,
                 "batch_categories": self.batch_categories}
 
-    def _write_meta(self, folder: str) -> None:
-        write_json(os.path.join(folder, "config.json"), self._meta())
-        self.vocab.save(os.path.join(folder, "vocab.json"))
+    @staticmethod
+    def _module_from_meta(meta: dict) -> ScGPTModel:
+        return ScGPTModel(ScGPTConfig.from_dict(meta["config"]), meta["n_tokens"], meta["pad_id"],
+                          n_classes=meta["n_classes"])
 
-    def save(self, path: str, overwrite: bool = False) -> None:
-        """Write ``model.safetensors``, ``config.json`` (config, label / batch categories, keys) and
-        ``vocab.json`` into folder ``path`` (each file atomically). An existing saved model there is
-        replaced only with ``overwrite=True``."""
-        if os.path.exists(os.path.join(path, "model.safetensors")) and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it")
-        os.makedirs(path, exist_ok=True)
-        _save_weights(os.path.join(path, "model.safetensors"), self.module)
-        self._write_meta(path)
-
-    @classmethod
-    def load(cls, path: str, adata=None, device: Optional[Union[str, torch.device]] = None) -> "ScGPT":
-        """Load a model written by :meth:`save` (or a checkpoint folder of :meth:`fit`).
-
-        ``adata`` (optional) becomes the default data of :meth:`predict` and of further training.
-        """
-        from biogen.sc import GeneVocab
-
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path} holds no config.json; is it a folder written by ScGPT.save()?")
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{cfg_path} is not a {_FORMAT} config")
-        vocab = GeneVocab.load(os.path.join(path, "vocab.json"))
-        module = ScGPTModel(ScGPTConfig.from_dict(meta["config"]), meta["n_tokens"], meta["pad_id"],
-                            n_classes=meta["n_classes"])
-        module.load_state_dict(_load_weights(os.path.join(path, "model.safetensors")))
-        self = cls.__new__(cls)
+    def _restore(self, module, vocab, meta: dict, device) -> None:
         self._setup(module, vocab, meta["label_key"], meta["batch_key"], meta["layer"], meta["label_categories"],
                     meta["batch_categories"], device)
-        self.module.eval()
-        if adata is not None:
-            self._check_query(adata)
-            self.adata = adata
-        return self
 
     @classmethod
     def from_scgpt_checkpoint(cls, path: str, adata, label_key: Optional[str] = None, layer: Optional[str] = None,
@@ -525,23 +399,13 @@ class ScGPT:
         module, vocab = load_scgpt_checkpoint(path)
         if module.config.n_batches:
             raise ValueError("checkpoints with a batch embedding are not supported by from_scgpt_checkpoint")
-        _check_adata(adata, layer)
+        check_adata(adata, layer)
         vocab.map_genes(adata, min_overlap=0.5)
-        label_categories = None
-        if label_key is not None:
-            label_categories = _categories(_obs_column(adata, label_key, "label_key"))
-            if len(label_categories) < 2:
-                raise ValueError(f"label_key {label_key!r} has fewer than 2 classes")
+        label_categories = cls._label_categories(adata, label_key)
+        if label_categories is not None:
             module.replace_classifier(len(label_categories))
         self = cls.__new__(cls)
         self._setup(module, vocab, label_key, None, layer, label_categories, None, device)
         self.adata = adata
         return self
 
-
-def _make_config(config, overrides: dict) -> ScGPTConfig:
-    if isinstance(config, str):
-        return ScGPTConfig.preset(config, **overrides)
-    if isinstance(config, ScGPTConfig):
-        return replace(config, **overrides) if overrides else _copy.copy(config)
-    raise TypeError(f"config must be a preset name or an ScGPTConfig, got {type(config).__name__}")

@@ -16,7 +16,7 @@ from biogen.models.scbert import (MASK_TOKEN, ScBERT, ScBERTConfig, ScBERTModel,
 from biogen.sc import GeneVocab
 from biogen.sc.datasets import synthetic
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "data")
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +400,7 @@ def test_matches_performer_pytorch_performerlm(tmp_path):
 
 
 def test_annotator_fit_predict_save_load(data, tmp_path):
-    from biogen.models.scbert_annotator import ScBERTAnnotator
+    from biogen.models.scbert.annotator import ScBERTAnnotator
 
     train, test = data[:60].copy(), data[60:80].copy()
     train.layers["counts"] = train.X.copy()

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_training_state, save_training_state
-from ..utils import atomic_path
+from ...checkpoint import load_training_state, save_training_state
+from ...utils import atomic_path
 
 __all__ = ["RNAVAE", "RNAVAEConfig", "RNAEncoder", "VAETrainConfig", "VAEHistory", "kl_divergence",
            "plot_latents", "stratified_split"]
@@ -300,7 +300,7 @@ class RNAEncoder:
         continues from it (same data and settings; ``epochs`` may grow) and repeats what the
         uninterrupted run would have done.
         """
-        from .. import distributed as bdist
+        from ... import distributed as bdist
 
         tc = train or VAETrainConfig()
         X = _check_matrix(_dense(adata.X))
@@ -415,7 +415,7 @@ class RNAEncoder:
         Under torchrun each rank evaluates its contiguous shard and the per-sample sums are added
         across ranks (identical result on every rank).
         """
-        from .. import distributed as bdist
+        from ... import distributed as bdist
 
         self.module.eval()
         dev = next(self.module.parameters()).device

@@ -129,7 +129,7 @@ def test_early_stopping_restores_best_epoch(data):
     assert len(hist) == best + 2 < 8  # stopped one epoch after the last improvement
     assert vals[-1] > vals[best]  # so the final weights are not the best ones: restoring matters
     # The restored weights reproduce the best validation loss.
-    from biogen.models._sc_trainer import validation_split
+    from biogen.models.singlecell.training import validation_split
     from biogen.sc.data import collate
 
     ds = m._dataset(a, mask_ratio=0.0, labels=True, seed=0)

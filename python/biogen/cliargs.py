@@ -1,0 +1,50 @@
+"""The pieces every ``biogen`` subcommand builds its parser from, so that options mean and spell the same.
+
+A feature's ``cli.py`` defines ``add_cli(subparsers)``: :func:`command_group` adds its command with
+sub-actions; the helpers below add the shared options (``--out``, ``--overwrite``, ``--seed``,
+``--device``, ``--no-progress``, ``--resume``). :mod:`biogen.cli` only assembles the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["command_group", "add_out", "add_seed", "add_device", "add_no_progress", "add_resume"]
+
+
+def command_group(sub, name: str, *, help: str, description: str, metavar: str = "ACTION"):
+    """Add ``biogen NAME`` with sub-actions; without one it prints its help and exits with 2."""
+    top = sub.add_parser(name, help=help, description=description)
+    actions = top.add_subparsers(dest=f"{name}_command", metavar=metavar)
+
+    def _help(args, _p=top):
+        _p.print_help()
+        return 2
+
+    top.set_defaults(func=_help)
+    return actions
+
+
+def add_out(p: argparse.ArgumentParser, help: str = "output folder (must be empty or absent unless --overwrite)", *,
+            default=None, overwrite: bool = True) -> None:
+    """``--out`` (required unless it has a default) and, with ``overwrite``, ``--overwrite``."""
+    p.add_argument("--out", required=default is None, default=default, help=help)
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
+
+
+def add_seed(p: argparse.ArgumentParser, help: str = "random seed (default 0)", default=0) -> None:
+    p.add_argument("--seed", type=int, default=default, help=help)
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", default=default, help=f"torch device: cpu, cuda, cuda:1 or auto (default: {default})")
+
+
+def add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_resume(p: argparse.ArgumentParser, help: str) -> None:
+    """``--resume``: continue an interrupted run from the checkpoint in ``--out``."""
+    p.add_argument("--resume", action="store_true", help=help)

@@ -1,0 +1,1 @@
+"""What the single-cell models (scGPT, scBERT) share: the AnnData-facing base class and the training loop."""
