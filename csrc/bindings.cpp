@@ -52,10 +52,7 @@ void performer_bwd(int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, u
 #endif
 
 #ifdef BIOGEN_WITH_CUDA
-namespace biogen::cuda {
-// Defined in csrc/cuda/runtime.cu: (device count, error string if the runtime could not be queried).
-std::pair<int, std::string> device_count();
-}  // namespace biogen::cuda
+#include "biogen/cuda_status.h"
 #endif
 
 // --- diffusion: group_norm_silu and sampler_step (csrc/cpu/group_norm.cpp, csrc/cpu/sampler.cpp) ---
@@ -72,7 +69,8 @@ BIOGEN_CPU_DECLARE(void, sampler_step,
                    (int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t px0, uintptr_t noise,
                     uintptr_t prev, uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
                     uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N,
-                    int pred, double w, double clip, double ratio, double max_value, int nthreads))
+                    int pred, double w, double clip, double ratio, double max_value, int clipped_eps,
+                    int nthreads))
 #ifdef BIOGEN_WITH_CUDA
 namespace biogen::cuda {
 void group_norm_fwd(int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift, uintptr_t y,
@@ -86,7 +84,7 @@ void group_norm_bwd(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t
 void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t px0, uintptr_t noise, uintptr_t prev,
                   uintptr_t x0, uintptr_t x0f, uintptr_t th, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
                   uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N,
-                  int pred, double w, double clip, int mode, uintptr_t stream);
+                  int pred, double w, double clip, int mode, int clipped_eps, uintptr_t stream);
 }  // namespace biogen::cuda
 #endif
 // --- masked gene attention (SPEC 1.1): csrc/cpu/masked_attention.cpp
@@ -150,6 +148,32 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "biogen compiled kernels (CPU: OpenMP + SIMD; CUDA where built)";
   m.def("build_info", &build_info, "What this extension was compiled with and what it finds at run time.");
+#ifdef BIOGEN_WITH_CUDA
+  m.def(
+      "cuda_status",
+      [](int device) {
+        biogen::cuda::Status s;
+        {
+          py::gil_scoped_release nogil;  // a first query initialises the driver: slow
+          s = biogen::cuda::status(device);
+        }
+        py::dict d;
+        d["runtime_version"] = s.runtime_version;
+        d["driver_version"] = s.driver_version;
+        d["device_count"] = s.device_count;
+        d["error"] = s.error;
+        d["major"] = s.major;
+        d["minor"] = s.minor;
+        d["smem_optin"] = s.smem_optin;
+        d["ptx_version"] = s.ptx_version;
+        d["binary_version"] = s.binary_version;
+        d["image_error"] = s.image_error;
+        return d;
+      },
+      py::arg("device"),
+      "What the CUDA runtime finds for one device index (driver, device count, compute capability, "
+      "whether a kernel image of this extension loads there); never raises.");
+#endif
   // --- kernels: one block per op, declared in their csrc/cpu and csrc/cuda files ---
 
   // masked gene attention, CUDA (csrc/cuda/masked_attention.cu). Launches are asynchronous on the
@@ -194,10 +218,10 @@ PYBIND11_MODULE(_C, m) {
                                uintptr_t prev, uintptr_t x0, uintptr_t alpha, uintptr_t sigma, uintptr_t c_sample,
                                uintptr_t c_x0, uintptr_t c_eps, uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B,
                                int64_t N, int pred, double w, double clip, double ratio, double max_value,
-                               int nthreads) {
+                               int clipped_eps, int nthreads) {
     py::gil_scoped_release nogil;
     BIOGEN_CPU_CALL(sampler_step, dtype, x, mo, mu, px0, noise, prev, x0, alpha, sigma, c_sample, c_x0, c_eps,
-                    c_noise, c_prev_x0, B, N, pred, w, clip, ratio, max_value, nthreads);
+                    c_noise, c_prev_x0, B, N, pred, w, clip, ratio, max_value, clipped_eps, nthreads);
   });
 #ifdef BIOGEN_WITH_CUDA
   m.def("group_norm_fwd_cuda", &biogen::cuda::group_norm_fwd);

@@ -11,6 +11,8 @@
 #include <string>
 #include <type_traits>
 
+#include "biogen/cuda_launch.cuh"
+
 namespace biogen::cuda {
 namespace {
 
@@ -172,9 +174,11 @@ void group_norm_fwd(int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t 
                     uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last,
                     double eps, int act, uintptr_t stream) {
   const Shape sh = make_shape(B, C, S, G, channels_last);
+  const unsigned blocks = grid_x(B * G, "group_norm_fwd_cuda");
+  DeviceGuard guard(x, "group_norm_fwd_cuda");
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    fwd_kernel<T><<<unsigned(B * G), kThreads, 0, (cudaStream_t)stream>>>(
+    fwd_kernel<T><<<blocks, kThreads, 0, (cudaStream_t)stream>>>(
         (const T*)x, (const float*)w, (const float*)b, (const float*)scale, (const float*)shift, (T*)y,
         (float*)mean, (float*)rstd, sh, float(eps), act);
   });
@@ -186,9 +190,11 @@ void group_norm_bwd(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t
                     uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last, int act,
                     uintptr_t stream) {
   const Shape sh = make_shape(B, C, S, G, channels_last);
+  const unsigned blocks = grid_x(B * G, "group_norm_bwd_cuda");
+  DeviceGuard guard(x, "group_norm_bwd_cuda");
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    bwd_kernel<T><<<unsigned(B * G), kThreads, 0, (cudaStream_t)stream>>>(
+    bwd_kernel<T><<<blocks, kThreads, 0, (cudaStream_t)stream>>>(
         (const T*)dy, (const T*)x, (const float*)w, (const float*)b, (const float*)scale, (const float*)shift,
         (const float*)mean, (const float*)rstd, (T*)dx, (float*)sum_dz, (float*)sum_dzx, sh, act);
   });

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "biogen/common.h"
+#include "biogen/cuda_launch.cuh"
 #include "biogen/masked_attention_cuda.h"
 
 namespace biogen::cuda {
@@ -398,38 +399,6 @@ dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
 }
 
 // ------------------------------------------------------------------------------------ host side
-
-void check_cuda(cudaError_t err, const char* op, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
-    throw std::runtime_error(std::string("biogen: ") + op + ": " + what + " failed: " + cudaGetErrorString(err));
-  }
-}
-
-// Kernels launch on the device that holds the tensors, whatever the caller's current device is.
-class DeviceGuard {
- public:
-  DeviceGuard(uintptr_t ptr, const char* op) {
-    cudaPointerAttributes attr{};
-    check_cuda(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)), op, "cudaPointerGetAttributes");
-    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-      throw std::invalid_argument(std::string("biogen: ") + op + ": q is not CUDA device memory");
-    int current = 0;
-    check_cuda(cudaGetDevice(&current), op, "cudaGetDevice");
-    if (current != attr.device) {
-      check_cuda(cudaSetDevice(attr.device), op, "cudaSetDevice");
-      previous_ = current;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 // Features per thread: the smallest of 4, 8, 16, 32 with 4 * DPT >= D.
 int dpt_for(int64_t D) { return D <= 16 ? 4 : D <= 32 ? 8 : D <= 64 ? 16 : 32; }

@@ -14,6 +14,8 @@
 #include <string>
 #include <type_traits>
 
+#include "biogen/cuda_launch.cuh"
+
 namespace biogen::cuda {
 namespace {
 
@@ -113,10 +115,10 @@ __device__ __forceinline__ float feature(const Args& a, float dd, float diag, fl
 
 // C[f, :] = sum_j phi_f(k_j) v_j and z[f] = sum_j phi_f(k_j): grid (B*H, m), threads over head_dim.
 template <class T>
-__global__ void key_state_kernel(Args a, const T* k, const T* v, const float* ck, float* C, float* z) {
+__global__ void key_state_kernel(Args a, int y0, const T* k, const T* v, const float* ck, float* C, float* z) {
   __shared__ float row[kThreads];
   __shared__ float red[kThreads];
-  const int bh = blockIdx.x, f = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+  const int bh = blockIdx.x, f = int(blockIdx.y) + y0, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
   float acc = 0.f, zacc = 0.f;
   for (int l = 0; l < a.L; ++l) {
     if (!valid(a, b, l)) continue;
@@ -150,13 +152,13 @@ __device__ void query_features(const Args& a, const T* q, int b, int h, int l, f
 }
 
 template <class T>
-__global__ void query_out_kernel(Args a, const T* q, const float* C, const float* z, T* out) {
+__global__ void query_out_kernel(Args a, int y0, const T* q, const float* C, const float* z, T* out) {
   extern __shared__ float sh[];
   float* row = sh;
   float* phi = sh + kThreads;
   float* e = phi + a.m;
   __shared__ float red[kThreads];
-  const int bh = blockIdx.x, l = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+  const int bh = blockIdx.x, l = int(blockIdx.y) + y0, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
   T* o = out + ((int64_t)bh * a.L + l) * a.D;
   if (!valid(a, b, l)) {
     if (d < a.D) o[d] = from_f<T>(0.f);
@@ -176,7 +178,7 @@ __global__ void query_out_kernel(Args a, const T* q, const float* C, const float
 
 // dq, and the per-row denominator and stabiliser for the dC pass.
 template <class T>
-__global__ void bwd_query_kernel(Args a, const T* q, const T* out, const T* gout, const float* C, const float* z,
+__global__ void bwd_query_kernel(Args a, int y0, const T* q, const T* out, const T* gout, const float* C, const float* z,
                                  float* dq, float* den_all, float* cq_all) {
   extern __shared__ float sh[];
   float* row = sh;
@@ -184,7 +186,7 @@ __global__ void bwd_query_kernel(Args a, const T* q, const T* out, const T* gout
   float* phi = dnum + kThreads;
   float* e = phi + a.m;
   __shared__ float red[kThreads];
-  const int bh = blockIdx.x, l = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+  const int bh = blockIdx.x, l = int(blockIdx.y) + y0, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
   float* o = dq + ((int64_t)bh * a.L + l) * a.D;
   if (!valid(a, b, l)) {
     if (d < a.D) o[d] = 0.f;
@@ -224,11 +226,11 @@ __global__ void bwd_query_kernel(Args a, const T* q, const T* out, const T* gout
 
 // dC[f, :] = sum_i phi_f(q_i) dnum_i, dz[f] = sum_i dden_i phi_f(q_i): grid (B*H, m).
 template <class T>
-__global__ void bwd_dc_kernel(Args a, const T* q, const T* out, const T* gout, const float* den_all,
+__global__ void bwd_dc_kernel(Args a, int y0, const T* q, const T* out, const T* gout, const float* den_all,
                               const float* cq_all, float* dC, float* dz) {
   __shared__ float row[kThreads];
   __shared__ float red[kThreads];
-  const int bh = blockIdx.x, f = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+  const int bh = blockIdx.x, f = int(blockIdx.y) + y0, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
   float acc = 0.f, zacc = 0.f;
   for (int l = 0; l < a.L; ++l) {
     if (!valid(a, b, l)) continue;
@@ -251,7 +253,7 @@ __global__ void bwd_dc_kernel(Args a, const T* q, const T* out, const T* gout, c
 }
 
 template <class T>
-__global__ void bwd_key_kernel(Args a, const T* k, const T* v, const float* ck, const float* dC, const float* dz,
+__global__ void bwd_key_kernel(Args a, int y0, const T* k, const T* v, const float* ck, const float* dC, const float* dz,
                                float* dk, float* dv) {
   extern __shared__ float sh[];
   float* row = sh;
@@ -259,7 +261,7 @@ __global__ void bwd_key_kernel(Args a, const T* k, const T* v, const float* ck, 
   float* phi = vrow + kThreads;
   float* e = phi + a.m;
   __shared__ float red[kThreads];
-  const int bh = blockIdx.x, l = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+  const int bh = blockIdx.x, l = int(blockIdx.y) + y0, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
   float* ok = dk + ((int64_t)bh * a.L + l) * a.D;
   float* ov = dv + ((int64_t)bh * a.L + l) * a.D;
   if (!valid(a, b, l)) {
@@ -650,21 +652,29 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
                    uintptr_t pad, uintptr_t ws_C, uintptr_t ws_z, int B, int H, int L, int D, int m,
                    const int64_t* strides, int flags, float eps, uintptr_t stream_handle) {
   Args a = make_args(B, H, L, D, m, strides, pad, W, flags, eps);
+  const unsigned bh = grid_x((int64_t)B * H, "performer_fwd_cuda");
+  DeviceGuard guard(q, "performer_fwd_cuda");
   cudaStream_t stream = (cudaStream_t)stream_handle;
   const size_t sh_feat = (kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    key_max_kernel<T><<<B * H, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ck);
+    allow_dynamic_smem(key_max_kernel<T>, sh_feat, "performer_fwd_cuda");
+    key_max_kernel<T><<<bh, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ck);
     if (a.causal) {  // ws_C, ws_z hold each block's prefix state S, z
       const int C = causal_chunk(D, m);
-      causal_fwd_kernel<T><<<B * H, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
+      causal_fwd_kernel<T><<<bh, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
           a, C, (const T*)q, (const T*)k, (const T*)v, (const float*)ck, (float*)ws_C, (float*)ws_z, (T*)out);
       return;
     }
-    key_state_kernel<T><<<dim3(B * H, m), kThreads, 0, stream>>>(a, (const T*)k, (const T*)v, (const float*)ck,
-                                                               (float*)ws_C, (float*)ws_z);
-    query_out_kernel<T><<<dim3(B * H, L), kThreads, sh_feat, stream>>>(a, (const T*)q, (const float*)ws_C,
+    for_grid_y(m, [&](int64_t y0, unsigned ny) {
+      key_state_kernel<T><<<dim3(bh, ny), kThreads, 0, stream>>>(a, (int)y0, (const T*)k, (const T*)v,
+                                                                (const float*)ck, (float*)ws_C, (float*)ws_z);
+    });
+    allow_dynamic_smem(query_out_kernel<T>, sh_feat, "performer_fwd_cuda");
+    for_grid_y(L, [&](int64_t y0, unsigned ny) {
+      query_out_kernel<T><<<dim3(bh, ny), kThreads, sh_feat, stream>>>(a, (int)y0, (const T*)q, (const float*)ws_C,
                                                                       (const float*)ws_z, (T*)out);
+    });
   });
   check(cudaGetLastError());
 }
@@ -675,31 +685,44 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t W
                    uintptr_t ws_dC, uintptr_t ws_dz, uintptr_t ws_den, uintptr_t ws_cq, uintptr_t ws_ck, int B, int H,
                    int L, int D, int m, const int64_t* strides, int flags, float eps, uintptr_t stream_handle) {
   Args a = make_args(B, H, L, D, m, strides, pad, W, flags, eps);
+  const unsigned bh = grid_x((int64_t)B * H, "performer_bwd_cuda");
+  DeviceGuard guard(q, "performer_bwd_cuda");
   cudaStream_t stream = (cudaStream_t)stream_handle;
   const size_t sh_feat = (kThreads + 2 * (size_t)m) * sizeof(float);
   const size_t sh_bwd = (2 * kThreads + 2 * (size_t)m) * sizeof(float);
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    key_max_kernel<T><<<B * H, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ws_ck);
+    allow_dynamic_smem(key_max_kernel<T>, sh_feat, "performer_bwd_cuda");
+    key_max_kernel<T><<<bh, kThreads, sh_feat, stream>>>(a, (const T*)k, (float*)ws_ck);
     if (a.causal) {  // prefix states S, z in ws_C, ws_z; reverse-sweep states R, r in ws_dC, ws_dz
       const int C = causal_chunk(D, m);
-      causal_bwd_kernel<T><<<B * H, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
+      causal_bwd_kernel<T><<<bh, kThreads, causal_smem_floats(C, D, m) * sizeof(float), stream>>>(
           a, C, (const T*)q, (const T*)k, (const T*)v, (const T*)out, (const T*)gout, (const float*)ws_ck,
           (float*)ws_C, (float*)ws_z, (float*)ws_dC, (float*)ws_dz, (float*)ws_den, (float*)dq, (float*)dk,
           (float*)dv);
       return;
     }
-    key_state_kernel<T><<<dim3(B * H, m), kThreads, 0, stream>>>(a, (const T*)k, (const T*)v,
-                                                               (const float*)ws_ck, (float*)ws_C, (float*)ws_z);
-    bwd_query_kernel<T><<<dim3(B * H, L), kThreads, sh_bwd, stream>>>(
-        a, (const T*)q, (const T*)out, (const T*)gout, (const float*)ws_C, (const float*)ws_z, (float*)dq,
-        (float*)ws_den, (float*)ws_cq);
-    bwd_dc_kernel<T><<<dim3(B * H, m), kThreads, 0, stream>>>(a, (const T*)q, (const T*)out, (const T*)gout,
-                                                            (const float*)ws_den, (const float*)ws_cq,
-                                                            (float*)ws_dC, (float*)ws_dz);
-    bwd_key_kernel<T><<<dim3(B * H, L), kThreads, sh_bwd, stream>>>(a, (const T*)k, (const T*)v,
-                                                                  (const float*)ws_ck, (const float*)ws_dC,
-                                                                  (const float*)ws_dz, (float*)dk, (float*)dv);
+    for_grid_y(m, [&](int64_t y0, unsigned ny) {
+      key_state_kernel<T><<<dim3(bh, ny), kThreads, 0, stream>>>(a, (int)y0, (const T*)k, (const T*)v,
+                                                                (const float*)ws_ck, (float*)ws_C, (float*)ws_z);
+    });
+    allow_dynamic_smem(bwd_query_kernel<T>, sh_bwd, "performer_bwd_cuda");
+    allow_dynamic_smem(bwd_key_kernel<T>, sh_bwd, "performer_bwd_cuda");
+    for_grid_y(L, [&](int64_t y0, unsigned ny) {
+      bwd_query_kernel<T><<<dim3(bh, ny), kThreads, sh_bwd, stream>>>(
+          a, (int)y0, (const T*)q, (const T*)out, (const T*)gout, (const float*)ws_C, (const float*)ws_z,
+          (float*)dq, (float*)ws_den, (float*)ws_cq);
+    });
+    for_grid_y(m, [&](int64_t y0, unsigned ny) {
+      bwd_dc_kernel<T><<<dim3(bh, ny), kThreads, 0, stream>>>(a, (int)y0, (const T*)q, (const T*)out,
+                                                             (const T*)gout, (const float*)ws_den,
+                                                             (const float*)ws_cq, (float*)ws_dC, (float*)ws_dz);
+    });
+    for_grid_y(L, [&](int64_t y0, unsigned ny) {
+      bwd_key_kernel<T><<<dim3(bh, ny), kThreads, sh_bwd, stream>>>(a, (int)y0, (const T*)k, (const T*)v,
+                                                                   (const float*)ws_ck, (const float*)ws_dC,
+                                                                   (const float*)ws_dz, (float*)dk, (float*)dv);
+    });
   });
   check(cudaGetLastError());
 }

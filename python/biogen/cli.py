@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 # on its parsers taking the parsed args and returning an exit code.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "biogen.selfcheck",
+    "biogen.gpucheck",
     "biogen.sc.cli",
     "biogen.models.tumorsynth.cli",
     "biogen.tabular.cli",

@@ -99,6 +99,39 @@ def test_ddpm_noise_statistics_and_no_noise_at_zero():
     torch.testing.assert_close(last.prev_sample, x0 + 0.3)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_step_matches_float64_formula(eta, pred, clip):
+    """Song et al. eq. 12 in float64, written here: x_p = sqrt(abar_p) x0 + sqrt(1 - abar_p - std^2) eps
+    + std z, std = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p); with clipping, x0 is
+    clamped and eps stays the network's (diffusers' DDIM). Every step of the schedule, the last one to
+    abar_0 (set_alpha_to_one=False)."""
+    s = DDIMScheduler(clip_sample=clip, prediction_type=pred, set_alpha_to_one=False, clip_sample_range=1.0)
+    s.set_timesteps(10)
+    acp = s.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(11)
+    ts = s.timesteps.tolist()
+    bit = False
+    for i, t in enumerate(ts):
+        a_t = float(acp[t])
+        a_p = float(acp[ts[i + 1]]) if i + 1 < len(ts) else float(acp[0])
+        x, m, z = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) * 1.5 for _ in range(3))
+        at, st = math.sqrt(a_t), math.sqrt(1 - a_t)
+        x0, eps = {"epsilon": ((x - st * m) / at, m), "sample": (m, (x - at * m) / st),
+                   "v_prediction": (at * x - st * m, at * m + st * x)}[pred]
+        if clip:
+            bit |= bool((x0.abs() > 1).any())
+            x0 = x0.clamp(-1, 1)
+        std = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+        want = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - std**2) * eps + std * z
+        out = s.step(m.float(), t, x.float(), variance_noise=z.float(), eta=eta)
+        scale = 1 + float(want.abs().max())
+        torch.testing.assert_close(out.pred_original_sample.double(), x0, atol=2e-5 * scale, rtol=0)
+        torch.testing.assert_close(out.prev_sample.double(), want, atol=2e-5 * scale, rtol=0)
+    assert bit == clip
+
+
 def test_dpm_first_order_equals_ddim_eta0():
     dpm = DPMSolverMultistepScheduler(solver_order=1, timestep_spacing="trailing", thresholding=False)
     ddim = DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
@@ -267,8 +300,6 @@ def test_full_loop_matches_diffusers(name, opts):
     w = 2.5
     extra = {} if eta is None else {"eta": eta}
     ref_extra = dict(extra)
-    if name == "ddim":
-        ref_extra["use_clipped_model_output"] = True  # our DDIM always uses the eps of the clipped x0
     for t in ours.timesteps:
         ca, ua = _model(xa, t, 1.0), _model(xa, t, 0.0)
         out_a = ours.step(ca, t, xa, generator=ga, model_output_uncond=ua, guidance_scale=w, **extra)
@@ -276,6 +307,68 @@ def test_full_loop_matches_diffusers(name, opts):
         out_b = ref.step(ub + w * (cb - ub), t, xb, generator=gb, **ref_extra)
         torch.testing.assert_close(out_a.prev_sample, out_b.prev_sample, atol=1e-5, rtol=1e-5)
         xa, xb = out_a.prev_sample, out_b.prev_sample
+
+
+# Every option of ours that mirrors a diffusers option, with clipping / thresholding biting:
+# (scheduler, config, step options). diffusers' defaults come first (DDIM clip_sample=True: issue #18).
+CLIPPING_CASES = [
+    ("ddpm", {}, {}),
+    ("ddpm", {"prediction_type": "v_prediction", "clip_sample_range": 0.8}, {}),
+    ("ddpm", {"prediction_type": "sample", "timestep_spacing": "trailing"}, {}),
+    ("ddpm", {"thresholding": True, "sample_max_value": 1.5}, {}),
+    ("ddim", {}, {}),
+    ("ddim", {"prediction_type": "sample"}, {}),
+    ("ddim", {"prediction_type": "v_prediction", "clip_sample_range": 0.8}, {"eta": 0.7}),
+    ("ddim", {"set_alpha_to_one": False, "steps_offset": 1}, {"eta": 1.0}),
+    ("ddim", {}, {"use_clipped_model_output": True}),
+    ("ddim", {"prediction_type": "v_prediction"}, {"use_clipped_model_output": True, "eta": 0.5}),
+    ("ddim", {"thresholding": True, "sample_max_value": 2.0}, {}),
+    ("ddim", {"thresholding": True, "sample_max_value": 2.0, "dynamic_thresholding_ratio": 0.9}, {"eta": 0.5}),
+    ("ddim", {"thresholding": True, "sample_max_value": 2.0}, {"use_clipped_model_output": True}),
+    ("dpm", {"thresholding": True, "sample_max_value": 2.0}, {}),
+    ("dpm", {"prediction_type": "sample", "thresholding": True, "sample_max_value": 1.5}, {}),
+    ("dpm", {"prediction_type": "v_prediction", "thresholding": True, "solver_order": 1}, {}),
+]
+
+
+def _x0_unclipped(pred, m, x, acp_t):
+    a, s = acp_t**0.5, (1 - acp_t) ** 0.5
+    return {"epsilon": (x - s * m) / a, "sample": m, "v_prediction": a * x - s * m}[pred]
+
+
+@pytest.mark.parametrize("name,opts,step_opts", CLIPPING_CASES)
+def test_loop_with_clipping_active_matches_diffusers(name, opts, step_opts):
+    """30 seeded guided steps, step by step against diffusers (installed by the test extra), on a
+    stand-in network whose x0 estimates leave the clip range: the test asserts that clipping (or
+    dynamic thresholding beyond plain [-1, 1] clipping) changed x0 on some step."""
+    diffusers = pytest.importorskip("diffusers")
+    ours = SCHEDULERS[name](**opts)
+    ref = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler,
+           "dpm": diffusers.DPMSolverMultistepScheduler}[name](**opts)
+    ours.set_timesteps(30)
+    ref.set_timesteps(30)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    cfg = ours.config
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 1.5
+    xa, xb = x.clone(), x.clone()
+    ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    w = 2.5
+    bit = 0
+    for t in ours.timesteps:
+        ca, ua = _model(xa, t, 1.0), _model(xa, t, 0.0)
+        out_a = ours.step(ca, t, xa, generator=ga, model_output_uncond=ua, guidance_scale=w, **step_opts)
+        cb, ub = _model(xb, t, 1.0), _model(xb, t, 0.0)
+        m = ub + w * (cb - ub)
+        raw = _x0_unclipped(cfg.prediction_type, m, xb, ref.alphas_cumprod[t])
+        if cfg.thresholding:
+            q = torch.quantile(raw.reshape(2, -1).abs(), cfg.dynamic_thresholding_ratio, dim=1)
+            bit += int(bool((q > 1.05).any()))  # the rescaling regime, not mere [-1, 1] clipping
+        else:
+            bit += int(bool((raw.abs() > cfg.clip_sample_range * 1.05).any()))
+        out_b = ref.step(m, t, xb, generator=gb, **step_opts)
+        torch.testing.assert_close(out_a.prev_sample, out_b.prev_sample, atol=1e-5, rtol=1e-5)
+        xa, xb = out_a.prev_sample, out_b.prev_sample
+    assert bit >= 3, f"clipping / thresholding changed x0 on only {bit} of 30 steps"
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm"])

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import biogen.ops
 from biogen.diffusion import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, cfg_forward, sample
@@ -74,6 +75,31 @@ def test_self_attention_matches_softmax_attention():
     a = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / 2.0, dim=-1)
     o = torch.einsum("bhij,bhdj->bhdi", a, v).reshape(2, 8, 3, 5)
     torch.testing.assert_close(blk(x), x + blk.proj(o), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,tokens", [(1, 1), (2, 3), (4, 5)])
+def test_cross_attention_matches_torch_multihead_attention(heads, tokens):
+    """nn.MultiheadAttention with the block's weights copied in, in float64: pixels query the
+    condition tokens (kdim = vdim = cond_dim), plus the residual."""
+    C, D, G = 8, 6, 4
+    blk = _randomize(CrossAttention(C, D, heads, G), std=0.4).double()
+    x = torch.randn(2, C, 3, 5, dtype=torch.float64)
+    cond = torch.randn(2, tokens, D, dtype=torch.float64)
+    mha = nn.MultiheadAttention(C, heads, kdim=D, vdim=D, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.q_proj_weight.copy_(blk.q.weight)
+        mha.k_proj_weight.copy_(blk.kv.weight[:C])
+        mha.v_proj_weight.copy_(blk.kv.weight[C:])
+        mha.in_proj_bias.copy_(torch.cat([blk.q.bias, blk.kv.bias]))
+        mha.out_proj.weight.copy_(blk.proj.weight)
+        mha.out_proj.bias.copy_(blk.proj.bias)
+    h = F.group_norm(x, G, blk.norm.weight, blk.norm.bias).flatten(2).transpose(1, 2)  # (B, H*W, C)
+    o, _ = mha(h, cond, cond, need_weights=False)
+    want = x + o.transpose(1, 2).reshape(x.shape)
+    with torch.no_grad():
+        got = blk(x, cond)
+    assert float((got - x).abs().max()) > 0.1  # the attention branch is not vacuous
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def test_config_validation():

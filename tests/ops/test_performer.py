@@ -132,15 +132,17 @@ def test_reference_backward_equals_autograd_of_reference(causal, kernel):
 # ------------------------------------------------------------------ equivalence with performer-pytorch
 
 
-def _loop_reference(q, k, v, w, causal, kernel, eps):
-    """performer-pytorch's maths written token by token in float64, no masks, no matrix ops
-    beyond dot products: softmax_kernel / generalized_kernel, linear_attention and
-    causal_linear_attention_noncuda."""
+def _loop_reference(q, k, v, w, causal, kernel, eps, pad=None):
+    """performer-pytorch's maths written token by token in float64, no matrix ops beyond dot
+    products: softmax_kernel / generalized_kernel, linear_attention and
+    causal_linear_attention_noncuda. With ``pad`` (batch, length), padded keys are left out of every
+    sum and of the key stabiliser, and padded queries give zero rows."""
     B, H, L, D = q.shape
     m = w.shape[0]
     s = D ** -0.25
     out = torch.zeros(B, H, L, D, dtype=torch.float64)
     for b in range(B):
+        ok = [True] * L if pad is None else [not bool(pad[b, j]) for j in range(L)]
         for h in range(H):
             def proj(x):
                 return [sum(s * float(x[d]) * float(w[f, d]) for d in range(D)) for f in range(m)]
@@ -148,7 +150,7 @@ def _loop_reference(q, k, v, w, causal, kernel, eps):
             qd = [proj(q[b, h, i]) for i in range(L)]
             kd = [proj(k[b, h, j]) for j in range(L)]
             if kernel == "softmax":
-                ck = max(max(r) for r in kd)
+                ck = max((max(r) for r, o in zip(kd, ok) if o), default=0.0)
                 phq, phk = [], []
                 for i in range(L):
                     dq = s * s * float((q[b, h, i] ** 2).sum()) / 2
@@ -159,7 +161,9 @@ def _loop_reference(q, k, v, w, causal, kernel, eps):
                 phq = [[max(a, 0.0) + eps for a in r] for r in qd]
                 phk = [[max(a, 0.0) + eps for a in r] for r in kd]
             for i in range(L):
-                js = range(i + 1) if causal else range(L)
+                if not ok[i]:
+                    continue
+                js = [j for j in (range(i + 1) if causal else range(L)) if ok[j]]
                 num = torch.zeros(D, dtype=torch.float64)
                 den = 0.0
                 for j in js:
@@ -174,14 +178,19 @@ def _loop_reference(q, k, v, w, causal, kernel, eps):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_reference_equals_per_token_loop(causal, kernel):
-    """Installs nothing: the reference (hence every backend) computes performer-pytorch's function."""
-    q, k, v, w, _ = make_inputs(1, 2, 6, 5, 7, dtype=torch.float64)
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_reference_equals_per_token_loop(causal, kernel, padded):
+    """Installs nothing: the reference (the torch backend, which the forward tests' float64 truth is
+    too) computes performer-pytorch's function, with padding as documented."""
+    q, k, v, w, pad = make_inputs(2, 2, 6, 5, 7, dtype=torch.float64, pad_frac=0.5)
+    pad[1, 1] = True  # padding inside the cell too, not only at its end
+    pad = pad if padded else None
+    assert not padded or pad.any()
     eps = 1e-4 if kernel == "softmax" else 1e-3
-    expected = _loop_reference(q, k, v, w.double(), causal, kernel, eps)
-    ref, _ = performer_attention_ref(q, k, v, w.double(), None, causal, kernel)
+    expected = _loop_reference(q, k, v, w.double(), causal, kernel, eps, pad)
+    ref, _ = performer_attention_ref(q, k, v, w.double(), pad, causal, kernel)
     assert max_err(ref, expected) < 1e-12
-    out = performer_attention(q.float(), k.float(), v.float(), w, causal=causal, kernel=kernel)
+    out = performer_attention(q.float(), k.float(), v.float(), w, key_padding_mask=pad, causal=causal, kernel=kernel)
     assert max_err(out, expected) < 1e-5
 
 

@@ -19,8 +19,9 @@ from .helpers import ALL_BACKENDS, assert_close_2x, interpreted, max_err, requir
 
 
 def naive_step(x, m, a, s, cs, cx0, ceps=None, cn=None, pred="epsilon", mu=None, w=1.0, px0=None, cpx=None,
-               noise=None, clip=None, ratio=None, max_value=1.0):
-    """float64 numpy, one sample at a time."""
+               noise=None, clip=None, ratio=None, max_value=1.0, clipped_eps=False):
+    """float64 numpy, one sample at a time. The c_eps term takes the network's eps (diffusers'
+    DDIM), or with ``clipped_eps`` the eps re-derived from the clipped x0."""
     x, m = np.asarray(x, np.float64), np.asarray(m, np.float64)
     prev, x0s = np.empty_like(x), np.empty_like(x)
     for i in range(x.shape[0]):
@@ -33,6 +34,7 @@ def naive_step(x, m, a, s, cs, cx0, ceps=None, cn=None, pred="epsilon", mu=None,
             x0 = mi.copy()
         else:
             x0 = a[i] * xi - s[i] * mi
+        eps = (xi - a[i] * x0) / s[i]  # x = a x0 + s eps, before any clipping
         if ratio is not None:
             t = float(np.quantile(np.abs(x0).ravel(), ratio))  # numpy's default is linear interpolation
             t = min(max(t, 1.0), max_value)
@@ -41,7 +43,7 @@ def naive_step(x, m, a, s, cs, cx0, ceps=None, cn=None, pred="epsilon", mu=None,
             x0 = np.clip(x0, -clip, clip)
         out = cs[i] * xi + cx0[i] * x0
         if ceps is not None:
-            out = out + ceps[i] * (xi - a[i] * x0) / s[i]
+            out = out + ceps[i] * ((xi - a[i] * x0) / s[i] if clipped_eps else eps)
         if px0 is not None:
             out = out + cpx[i] * px0[i]
         if noise is not None:
@@ -68,9 +70,11 @@ def make_inputs(shape, *, dtype=torch.float32, device="cpu", seed=0):
     return t, c
 
 
-def call(backend, t, c, *, pred="epsilon", guidance=None, extras=(), clip=None, ratio=None, max_value=1.0):
+def call(backend, t, c, *, pred="epsilon", guidance=None, extras=(), clip=None, ratio=None, max_value=1.0,
+         clipped_eps=False):
     kw = dict(alpha_t=c["alpha_t"], sigma_t=c["sigma_t"], c_sample=c["c_sample"], c_x0=c["c_x0"],
-              prediction_type=pred, clip_sample=clip, dynamic_threshold=ratio, sample_max_value=max_value)
+              prediction_type=pred, clip_sample=clip, dynamic_threshold=ratio, sample_max_value=max_value,
+              use_clipped_model_output=clipped_eps)
     if guidance is not None:
         kw.update(model_output_uncond=t["mu"], guidance_scale=guidance)
     if "eps" in extras:
@@ -82,14 +86,16 @@ def call(backend, t, c, *, pred="epsilon", guidance=None, extras=(), clip=None, 
     return sampler_step(t["x"], t["m"], backend=backend, **kw)
 
 
-def oracle(t, c, *, pred="epsilon", guidance=None, extras=(), clip=None, ratio=None, max_value=1.0):
+def oracle(t, c, *, pred="epsilon", guidance=None, extras=(), clip=None, ratio=None, max_value=1.0,
+           clipped_eps=False):
     n = {k: v.double().cpu().numpy() for k, v in {**t, **c}.items()}
     return naive_step(
         n["x"], n["m"], n["alpha_t"], n["sigma_t"], n["c_sample"], n["c_x0"],
         ceps=n["c_eps"] if "eps" in extras else None, cn=n["c_noise"], pred=pred,
         mu=n["mu"] if guidance is not None else None, w=guidance if guidance is not None else 1.0,
         px0=n["px0"] if "prev_x0" in extras else None, cpx=n["c_prev_x0"],
-        noise=n["noise"] if "noise" in extras else None, clip=clip, ratio=ratio, max_value=max_value)
+        noise=n["noise"] if "noise" in extras else None, clip=clip, ratio=ratio, max_value=max_value,
+        clipped_eps=clipped_eps)
 
 
 def shape_for(backend):
@@ -113,6 +119,27 @@ def test_matches_float64_oracle(backend, pred, guidance, limit):
     assert max_err(prev, ref_prev) < 2e-5 * scale
     if limit != "none":
         assert float(x0.abs().max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("limit", ["clip", "dynamic"])
+@pytest.mark.parametrize("clipped_eps", [False, True])
+def test_eps_term_network_or_clipped(backend, pred, limit, clipped_eps):
+    """diffusers' DDIM: the direction term uses the network's eps even where x0 was clipped;
+    use_clipped_model_output re-derives it from the clipped x0. Clipping must bite here, else
+    the two choices could not be told apart."""
+    dev = require(OP, backend, dtype=torch.float32)
+    t, c = make_inputs(shape_for(backend), device=dev, seed=5)
+    t["m"] = t["m"] * 2.0  # |x0| well past the clip range and the dynamic threshold's floor
+    lim = {"clip": {"clip": 0.7}, "dynamic": {"ratio": 0.8, "max_value": 1.6}}[limit]
+    prev, x0 = call(backend, t, c, pred=pred, guidance=1.5, extras=("eps",), clipped_eps=clipped_eps, **lim)
+    ref_prev, ref_x0 = oracle(t, c, pred=pred, guidance=1.5, extras=("eps",), clipped_eps=clipped_eps, **lim)
+    other_prev, _ = oracle(t, c, pred=pred, guidance=1.5, extras=("eps",), clipped_eps=not clipped_eps, **lim)
+    scale = 1 + float(ref_prev.abs().max())
+    assert max_err(other_prev, ref_prev) > 0.05 * scale  # clipping bit: the choice matters
+    assert max_err(x0, ref_x0) < 2e-5 * (1 + float(ref_x0.abs().max()))
+    assert max_err(prev, ref_prev) < 2e-5 * scale
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -235,7 +262,7 @@ def test_opcheck(backend):
     t, c = make_inputs((2, 3, 5))
     torch.library.opcheck(_fwd_op, (t["x"], t["m"], c["alpha_t"], c["sigma_t"], c["c_sample"], c["c_x0"], c["c_eps"],
                                     c["c_noise"], "epsilon", t["mu"], 2.0, t["px0"], c["c_prev_x0"], t["noise"],
-                                    None, 0.9, 2.0, backend))
+                                    None, 0.9, 2.0, backend, True))
     torch.library.opcheck(_fwd_op, (t["x"], t["m"], c["alpha_t"], c["sigma_t"], c["c_sample"], c["c_x0"], None,
                                     None, "v_prediction", None, 1.0, None, None, None, 1.0, None, 1.0, backend))
 

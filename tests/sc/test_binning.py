@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from biogen.sc.binning import bin_values, binning_uniforms
+from biogen.sc.binning import _lerp, _virtual_index_table, bin_values, binning_uniforms, quantile_levels
 
 from .helpers import have_cpu_kernel, scgpt_binning_reference
 
@@ -25,9 +25,12 @@ def _counts(n_cells=120, n_genes=300, density=0.2, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
-@pytest.mark.parametrize("n_bins", [51, 7])
+@pytest.mark.parametrize("n_bins", [51, 52, 7])
 def test_equals_scgpt_loop(backend, dtype, n_bins):
     X = _counts().astype(dtype)
+    if n_bins == 52:  # n_bins - 2 even: numpy's quantile hits virtual indices with fraction exactly 0.5
+        counts = np.maximum((X != 0).sum(1), 1)
+        assert (_virtual_index_table(counts, quantile_levels(n_bins))[2] == 0.5).any()
     expected = scgpt_binning_reference(X, n_bins, seed=11)
     got_dense = bin_values(X, n_bins, seed=11, backend=backend)
     got_sparse = bin_values(sp.csr_matrix(X), n_bins, seed=11, backend=backend)
@@ -41,6 +44,27 @@ def test_equals_scgpt_loop_continuous(backend):
     X = _counts(seed=1).astype(np.float64)
     X = np.log1p(X * 1e4 / np.maximum(X.sum(1, keepdims=True), 1)).astype(np.float32)
     np.testing.assert_array_equal(bin_values(X, 51, seed=2, backend=backend), scgpt_binning_reference(X, 51, 2))
+
+
+@pytest.mark.parametrize("n", [6, 26, 76])
+def test_numpy_edges_equal_np_quantile_bitwise_at_exact_halves(n):
+    """The fallback's edges are np.quantile's bit for bit, also where the virtual index has fraction
+    exactly 0.5 (numpy's lerp switches formula at t >= 0.5) and values span many magnitudes (so
+    b - a rounds and the two formulas differ by an ulp). A bin cannot show that ulp (no value lies
+    strictly between two consecutive order statistics), so the edges are compared directly."""
+    q = quantile_levels(52)
+    prev, nxt, gamma = _virtual_index_table(np.array([n]), q)
+    half = gamma[0] == 0.5
+    assert half.any()
+    decided = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        x = np.sort(rng.random(n) * 10.0 ** rng.integers(-3, 9, n))
+        lo_formula = x[prev[0]] + (x[nxt[0]] - x[prev[0]]) * gamma[0]
+        edges = _lerp(x[prev], x[nxt], gamma)[0]
+        decided += int((edges[half] != lo_formula[half]).sum())
+        np.testing.assert_array_equal(edges, np.quantile(x, q))
+    assert decided > 0  # the t >= 0.5 branch decided some edges
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

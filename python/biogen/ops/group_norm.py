@@ -22,13 +22,16 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 ACTS = {"none": 0, "silu": 1}
 
-OP = KernelOp("group_norm_silu")
+# Memory-bound (two reads and one write of x): the SIMT CUDA kernel first on a GPU, no matrix product
+# for tensor cores to take.
+OP = KernelOp("group_norm_silu", gpu_order=("cuda", "triton", "torch"), triton_module="group_norm")
 
 
 def _reasons_dtype(dtype: torch.dtype, **_) -> list[str]:
@@ -181,7 +184,8 @@ def _fwd_op(
     act: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _run_fwd(backend, x, weight, bias, scale, shift, num_groups, eps, act)
+    with on_device(x):
+        y, mean, rstd = _run_fwd(backend, x, weight, bias, scale, shift, num_groups, eps, act)
     return y, mean.to(_stat_dtype(x.dtype)), rstd.to(_stat_dtype(x.dtype))
 
 
@@ -207,7 +211,9 @@ def _bwd_op(
     act: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db, dsc, dsh = _run_bwd(backend, grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
+    with on_device(x):
+        dx, dw, db, dsc, dsh = _run_bwd(backend, grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups,
+                                        act)
     st = _stat_dtype(x.dtype)
     return dx, dw.to(st), db.to(st), dsc.to(st), dsh.to(st)
 

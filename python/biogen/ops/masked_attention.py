@@ -21,13 +21,16 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
 MAX_HEAD_DIM = 128
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-OP = KernelOp("masked_gene_attention")
+# On a GPU the tensor-core path first: the Triton kernel runs QK^T and PV as tl.dot (bf16/fp16 on
+# tensor cores, fp32 accumulation); the CUDA kernel is SIMT fp32, kept as the fallback.
+OP = KernelOp("masked_gene_attention", gpu_order=("triton", "cuda", "torch"), triton_module="masked_attention")
 
 
 def _reasons_dtype_dim(dtype: torch.dtype, head_dim: int, **_) -> list[str]:
@@ -146,7 +149,8 @@ def _fwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _run_fwd(backend, q, k, v, key_padding_mask, known, scale)
+    with on_device(q):
+        out, lse = _run_fwd(backend, q, k, v, key_padding_mask, known, scale)
     return out, lse
 
 
@@ -169,7 +173,8 @@ def _bwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, out, lse, key_padding_mask, known, scale)
+    with on_device(q):
+        dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, out, lse, key_padding_mask, known, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -31,6 +31,7 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
@@ -38,7 +39,9 @@ MAX_HEAD_DIM = 128
 KERNELS = ("softmax", "relu")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-OP = KernelOp("performer_attention")
+# On a GPU the tensor-core path first (Triton tl.dot for the feature maps and the state / query
+# products); the CUDA kernels are SIMT fp32, kept as the fallback.
+OP = KernelOp("performer_attention", gpu_order=("triton", "cuda", "torch"), triton_module="performer")
 
 
 def _reasons_dtype_dim(dtype: torch.dtype = torch.float32, head_dim: int = 64, **_) -> list[str]:
@@ -69,9 +72,19 @@ def _reasons_triton(dtype: torch.dtype = torch.float32, head_dim: int = 64, caus
 _CUDA_CAUSAL_SMEM = 46 * 1024
 
 
+# The non-causal CUDA kernels keep two rows of 128 floats and two of nb_features floats in dynamic
+# shared memory (opting in past 48 KB), plus ~2 KB of static reduction buffers, within 99 KB per
+# block: the smallest opt-in limit of the architectures the build runs on (sm_86 / sm_89 / sm_120).
+_CUDA_SMEM_PER_BLOCK = 101376
+_CUDA_MAX_FEATURES = (_CUDA_SMEM_PER_BLOCK - 2048 - 4 * 2 * 128) // (4 * 2)
+
+
 def _reasons_cuda(dtype: torch.dtype = torch.float32, head_dim: int = 64, causal: bool = False,
                   nb_features: int = 0, **_) -> list[str]:
     r = _reasons_dtype_dim(dtype, head_dim)
+    if not causal and nb_features > _CUDA_MAX_FEATURES:
+        r.append(f"supports at most {_CUDA_MAX_FEATURES} random features (99 KB of shared memory per block; "
+                 f"nb_features={nb_features})")
     if causal and 4 * (6 * head_dim + 4 * nb_features + 6) > _CUDA_CAUSAL_SMEM:
         r.append(f"supports causal=True with at most {(_CUDA_CAUSAL_SMEM // 4 - 6 * head_dim - 6) // 4} random "
                  f"features at head_dim {head_dim} (nb_features={nb_features})")
@@ -274,7 +287,8 @@ def _fwd_op(
     """Returns (out, key_stabiliser (batch, heads) float32 (float64 for float64 inputs), key_state
     (see :func:`_empty_state`))."""
     _check_finite(q, k, v, projection, key_padding_mask)
-    return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
+    with on_device(q):
+        return _run_fwd(backend, q, k, v, projection, key_padding_mask, causal, relu, eps)
 
 
 @_fwd_op.register_fake
@@ -299,8 +313,9 @@ def _bwd_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps,
-                          key_state)
+    with on_device(q):
+        dq, dk, dv = _run_bwd(backend, grad_out, q, k, v, projection, out, key_padding_mask, causal, relu, eps,
+                              key_state)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

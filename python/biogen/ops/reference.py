@@ -225,6 +225,7 @@ def sampler_step_ref(
     clip_sample: Optional[float] = None,
     dynamic_threshold: Optional[float] = None,
     sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
     *,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +250,14 @@ def sampler_step_ref(
         x0 = a * x - s * m
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    if c_eps is not None and not use_clipped_model_output:
+        # the network's eps, as diffusers' DDIM (the eps implied by the x0 before clipping)
+        if prediction_type == "epsilon":
+            eps = m
+        elif prediction_type == "sample":
+            eps = (x - a * m) / s
+        else:
+            eps = a * m + s * x
     if dynamic_threshold is not None:
         th = threshold_scales_ref(x0, dynamic_threshold, sample_max_value).to(dt)
         th = th.reshape((-1,) + (1,) * (nd - 1))
@@ -257,7 +266,9 @@ def sampler_step_ref(
         x0 = x0.clamp(-clip_sample, clip_sample)
     prev = ps(c_sample) * x + ps(c_x0) * x0
     if c_eps is not None:
-        prev = prev + ps(c_eps) * ((x - a * x0) / s)
+        if use_clipped_model_output:
+            eps = (x - a * x0) / s
+        prev = prev + ps(c_eps) * eps
     if prev_x0 is not None and c_prev_x0 is not None:
         prev = prev + ps(c_prev_x0) * prev_x0.to(dt)
     if noise is not None and c_noise is not None:

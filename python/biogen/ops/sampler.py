@@ -8,7 +8,8 @@ The general linear update of variance-preserving diffusion, ``x_t = alpha_t x0 +
           = alpha_t x - sigma_t m                        'v_prediction'
     x0    = clamp(x0, -clip, clip)                       clip_sample (optional), or
     x0    = clamp(x0, -s, s) / s, s = clamp(quantile(|x0|, p), 1, max)   dynamic_threshold=p
-    eps   = (x - alpha_t x0) / sigma_t                   from the (clipped) x0
+    eps   = the network's eps (from m, before clipping)  as diffusers' DDIM, or
+    eps   = (x - alpha_t x0) / sigma_t                   from the clipped x0 (use_clipped_model_output)
     prev  = c_sample x + c_x0 x0 + c_eps eps + c_prev_x0 prev_x0 + c_noise noise
 
 Every coefficient is per sample, a (batch,) float32 tensor (or a Python float for all samples).
@@ -30,13 +31,15 @@ from ._runtime import (
     cuda_stream,
     has_triton_kernel,
     num_threads,
+    on_device,
     triton_kernel,
 )
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 
-OP = KernelOp("sampler_step")
+# Elementwise and memory-bound: the SIMT CUDA kernel first on a GPU.
+OP = KernelOp("sampler_step", gpu_order=("cuda", "triton", "torch"), triton_module="sampler")
 
 
 def _reasons_dtype(dtype: torch.dtype, **_) -> list[str]:
@@ -69,7 +72,7 @@ def _contig(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> O
 
 def _native(backend, sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_eps, c_noise, prediction_type,
             model_output_uncond, guidance_scale, prev_x0, c_prev_x0, noise, clip_sample, dynamic_threshold,
-            sample_max_value):
+            sample_max_value, use_clipped_model_output):
     dt = sample.dtype
     x, m, mu, px0, nz = (_contig(t, dt) for t in (sample, model_output, model_output_uncond, prev_x0, noise))
     coef = [_contig(c, torch.float32) for c in (alpha_t, sigma_t, c_sample, c_x0, c_eps, c_noise, c_prev_x0)]
@@ -89,18 +92,19 @@ def _native(backend, sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_e
     if backend == "cpu":  # the quantile of dynamic thresholding is done inside the kernel
         _C.sampler_step_cpu(*tensors, *coef_ptrs, B, N, pred, float(guidance_scale), clip,
                             -1.0 if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value),
-                            num_threads())
+                            int(use_clipped_model_output), num_threads())
         return prev, x0
     stream = cuda_stream(x)
+    ce = int(use_clipped_model_output)
     if dynamic_threshold is None:
-        _C.sampler_step_cuda(*tensors, 0, 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 0, stream)
+        _C.sampler_step_cuda(*tensors, 0, 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 0, ce, stream)
         return prev, x0
     # two launches around torch.quantile of the float32 x0 (a selection kernel is not worth it here)
     x0f = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    _C.sampler_step_cuda(*tensors, x0f.data_ptr(), 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 1, stream)
+    _C.sampler_step_cuda(*tensors, x0f.data_ptr(), 0, *coef_ptrs, B, N, pred, float(guidance_scale), clip, 1, ce, stream)
     th = reference.threshold_scales_ref(x0f, float(dynamic_threshold), float(sample_max_value)).contiguous()
     _C.sampler_step_cuda(*tensors, x0f.data_ptr(), th.data_ptr(), *coef_ptrs, B, N, pred, float(guidance_scale),
-                         clip, 2, stream)
+                         clip, 2, ce, stream)
     return prev, x0
 
 
@@ -124,16 +128,18 @@ def _fwd_op(
     dynamic_threshold: Optional[float],
     sample_max_value: float,
     backend: str,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_eps, c_noise, prediction_type,
             model_output_uncond, guidance_scale, prev_x0, c_prev_x0, noise, clip_sample, dynamic_threshold,
-            sample_max_value)
+            sample_max_value, use_clipped_model_output)
     if backend == "torch":
         prev, x0 = reference.sampler_step_ref(*args)
         return prev.contiguous(), x0.contiguous()
-    if backend == "triton":
-        return triton_kernel("sampler").sampler_step(*args)
-    return _native(backend, *args)
+    with on_device(sample):
+        if backend == "triton":
+            return triton_kernel("sampler").sampler_step(*args)
+        return _native(backend, *args)
 
 
 @_fwd_op.register_fake
@@ -175,6 +181,7 @@ def sampler_step(
     clip_sample: Optional[float] = None,
     dynamic_threshold: Optional[float] = None,
     sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused sampler step of VP diffusion ``x_t = alpha_t x0 + sigma_t eps``.
@@ -184,8 +191,10 @@ def sampler_step(
     ``(x - sigma_t m) / alpha_t``; 'sample': ``m``; 'v_prediction': ``alpha_t x - sigma_t m``);
     optional clipping of x0 to ``[-clip_sample, clip_sample]`` or Imagen dynamic thresholding
     (per sample ``s = clamp(quantile(|x0|, dynamic_threshold), 1, sample_max_value)``,
-    ``x0 = clamp(x0, -s, s) / s``, as diffusers' ``_threshold_sample``); ``eps = (x - alpha_t x0) /
-    sigma_t`` recomputed from the clipped x0; and::
+    ``x0 = clamp(x0, -s, s) / s``, as diffusers' ``_threshold_sample``); for the ``c_eps`` term the
+    network's eps (what ``m`` implies before clipping, as diffusers' ``DDIMScheduler.step``), or with
+    ``use_clipped_model_output`` ``eps = (x - alpha_t x0) / sigma_t`` re-derived from the clipped x0
+    (GLIDE; diffusers' option of that name); and::
 
         prev = c_sample x + c_x0 x0 + c_eps eps + c_prev_x0 prev_x0 + c_noise noise
 
@@ -216,6 +225,8 @@ def sampler_step(
     clip_sample : clip x0 to [-clip_sample, clip_sample]; ignored when ``dynamic_threshold`` is set.
     dynamic_threshold : quantile ratio p in (0, 1] of Imagen's dynamic thresholding.
     sample_max_value : upper clamp of the dynamic threshold.
+    use_clipped_model_output : the ``c_eps`` term uses the eps of the clipped x0, not the network's
+        (the two differ only where x0 was clipped or thresholded).
     backend : 'cuda', 'triton', 'cpu', 'torch' or 'auto'; see :mod:`biogen.ops`.
 
     Returns
@@ -256,4 +267,5 @@ def sampler_step(
         sample, model_output, coefs["alpha_t"], coefs["sigma_t"], coefs["c_sample"], coefs["c_x0"],
         coefs["c_eps"], coefs["c_noise"], prediction_type, model_output_uncond, float(guidance_scale), prev_x0,
         coefs["c_prev_x0"], noise, None if clip_sample is None else float(clip_sample),
-        None if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value), chosen)
+        None if dynamic_threshold is None else float(dynamic_threshold), float(sample_max_value), chosen,
+        bool(use_clipped_model_output))

@@ -158,6 +158,20 @@ def test_generate_through_api(data):
     r = res[0]
     assert set(r.step.unique().tolist()) <= {-1, 0, 1} and (r.step >= 0).any()
     assert torch.isfinite(r.values).all()
+    # the genes not hidden keep their true bins; about half the expressed genes were generated
+    kept = r.step < 0
+    torch.testing.assert_close(r.values[kept], r.target_values[kept], rtol=0, atol=0)
+    for res_b in res:
+        expressed = (res_b.target_values > 0).sum()
+        assert 0.3 < float((res_b.step >= 0).sum() / expressed) < 0.7
+    # the API's result is the network's generate() on the same tokenised batch
+    from biogen.sc.data import collate
+
+    batch = collate([m._dataset(a, mask_ratio=0.5, labels=False, seed=0)[i] for i in range(8)])
+    again = m.module.generate(batch["gene_ids"], batch["values"], batch["padding_mask"], ~batch["mlm_mask"],
+                              n_iters=2)
+    assert torch.equal(again.step, r.step)
+    torch.testing.assert_close(again.values, r.values, rtol=0, atol=0)
 
 
 def test_batch_key_and_mixed_precision(data):

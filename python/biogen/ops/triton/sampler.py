@@ -20,7 +20,8 @@ def _kernel(x_ptr, m_ptr, mu_ptr, px0_ptr, nz_ptr, prev_ptr, x0_ptr, x0f_ptr, th
             a_ptr, s_ptr, cs_ptr, cx0_ptr, ceps_ptr, cn_ptr, cpx_ptr,
             N, w, clip,
             PRED: tl.constexpr, HAS_UNCOND: tl.constexpr, CLIP: tl.constexpr, HAS_EPS: tl.constexpr,
-            HAS_PX0: tl.constexpr, HAS_NOISE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+            HAS_PX0: tl.constexpr, HAS_NOISE: tl.constexpr, MODE: tl.constexpr, CLIPPED_EPS: tl.constexpr,
+            BLOCK: tl.constexpr):
     # MODE 0: whole step; 1: write the unclipped x0 (float32) only; 2: finish from it with th[b]
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -29,15 +30,18 @@ def _kernel(x_ptr, m_ptr, mu_ptr, px0_ptr, nz_ptr, prev_ptr, x0_ptr, x0f_ptr, th
     a = tl.load(a_ptr + b)
     s = tl.load(s_ptr + b)
     x = tl.load(x_ptr + idx, mask=msk, other=0.0).to(tl.float32)
+    # the guided output: for x0 (MODE 0, 1) and for the network's eps (diffusers' DDIM default)
+    NET_EPS: tl.constexpr = HAS_EPS and not CLIPPED_EPS
+    if MODE != 2 or NET_EPS:
+        m = tl.load(m_ptr + idx, mask=msk, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(mu_ptr + idx, mask=msk, other=0.0).to(tl.float32)
+            m = u + w * (m - u)
     if MODE == 2:
         th = tl.load(th_ptr + b)
         x0 = tl.load(x0f_ptr + idx, mask=msk, other=0.0)
         x0 = tl.minimum(tl.maximum(x0, -th), th) / th
     else:
-        m = tl.load(m_ptr + idx, mask=msk, other=0.0).to(tl.float32)
-        if HAS_UNCOND:
-            u = tl.load(mu_ptr + idx, mask=msk, other=0.0).to(tl.float32)
-            m = u + w * (m - u)
         if PRED == 0:
             x0 = (x - s * m) / a
         elif PRED == 1:
@@ -51,7 +55,15 @@ def _kernel(x_ptr, m_ptr, mu_ptr, px0_ptr, nz_ptr, prev_ptr, x0_ptr, x0f_ptr, th
     else:
         out = tl.load(cs_ptr + b) * x + tl.load(cx0_ptr + b) * x0
         if HAS_EPS:
-            out += tl.load(ceps_ptr + b) * ((x - a * x0) / s)
+            if CLIPPED_EPS:
+                eps = (x - a * x0) / s
+            elif PRED == 0:
+                eps = m
+            elif PRED == 1:
+                eps = (x - a * m) / s
+            else:
+                eps = a * m + s * x
+            out += tl.load(ceps_ptr + b) * eps
         if HAS_PX0:
             out += tl.load(cpx_ptr + b) * tl.load(px0_ptr + idx, mask=msk, other=0.0).to(tl.float32)
         if HAS_NOISE:
@@ -62,7 +74,7 @@ def _kernel(x_ptr, m_ptr, mu_ptr, px0_ptr, nz_ptr, prev_ptr, x0_ptr, x0f_ptr, th
 
 def sampler_step(sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_eps, c_noise, prediction_type,
                  model_output_uncond, guidance_scale, prev_x0, c_prev_x0, noise, clip_sample, dynamic_threshold,
-                 sample_max_value):
+                 sample_max_value, use_clipped_model_output=False):
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     x, m, mu, px0, nz = (c(t) for t in (sample, model_output, model_output_uncond, prev_x0, noise))
     coefs = [None if t is None else t.to(torch.float32).contiguous()
@@ -80,7 +92,8 @@ def sampler_step(sample, model_output, alpha_t, sigma_t, c_sample, c_x0, c_eps, 
     grid = (B, triton.cdiv(N, block))
     flags = dict(PRED=PREDICTION_TYPES[prediction_type], HAS_UNCOND=mu is not None,
                  CLIP=clip_sample is not None and dynamic_threshold is None, HAS_EPS=coefs[4] is not None,
-                 HAS_PX0=px0 is not None, HAS_NOISE=nz is not None, BLOCK=block)
+                 HAS_PX0=px0 is not None, HAS_NOISE=nz is not None, CLIPPED_EPS=bool(use_clipped_model_output),
+                 BLOCK=block)
     args = [x, m, p(mu), p(px0), p(nz), prev, x0]
     tail = [*(p(t) for t in coefs), N, float(guidance_scale), 0.0 if clip_sample is None else float(clip_sample)]
     if dynamic_threshold is None:
