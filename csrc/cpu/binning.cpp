@@ -16,6 +16,8 @@
 #include <omp.h>
 #endif
 
+#include "biogen/parallel.h"
+
 namespace BIOGEN_CPU_NS {
 
 namespace {
@@ -157,7 +159,8 @@ void bin_rows(const int64_t* indptr, const T* data, int64_t row_begin, int64_t r
 // levels; out: nnz int32 bins. Rows must have sorted column indices (the uniforms follow column order).
 void bin_csr(const int64_t* indptr, const void* data, int is_f64, int64_t n_rows, const double* q,
              int64_t n_edges, uint64_t seed, int64_t cell_offset, int32_t* out, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
+  // a cell's non-zeros are sorted: several element-steps each
+  num_threads = biogen::threads_for(num_threads, 4.0 * (indptr[n_rows] - indptr[0]), biogen::kGrainElements);
   // Blocks of cells rather than single cells: per-cell work is ~1-10 us, so dynamic scheduling per cell
   // would cost as much as the work.
   const int64_t block = 256;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "biogen/common.h"
+#include "biogen/parallel.h"
 #include "biogen/vec.h"
 
 namespace BIOGEN_CPU_NS {
@@ -210,7 +211,7 @@ void fwd_nchw(const typename S::T* x, typename S::T* y, float* mean, float* rstd
   {
     std::vector<double> s1(cpg), s2(cpg);
     std::vector<float> K(cpg);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bg = 0; bg < p.B * p.G; ++bg) {
       const int64_t b = bg / p.G, g = bg % p.G;
       const int64_t off = (b * p.C + g * cpg) * S_;
@@ -228,8 +229,12 @@ void fwd_nchw(const typename S::T* x, typename S::T* y, float* mean, float* rstd
   }
 }
 
-inline int64_t cl_chunks(int64_t B, int64_t S, int nthreads) {
-  return std::max<int64_t>(1, std::min<int64_t>(S, (4 * int64_t(nthreads) + B - 1) / B));
+// Channels-last position chunks per image: about kClTasks tasks in all. The count follows the shape,
+// not the thread count, so the per-chunk partial sums (added in chunk order) and the result are the
+// same for any number of threads.
+constexpr int64_t kClTasks = 64;
+inline int64_t cl_chunks(int64_t B, int64_t S) {
+  return std::max<int64_t>(1, std::min<int64_t>(S, (kClTasks + B - 1) / B));
 }
 
 // Channels-last: per (b, chunk) per-channel partial sums of f1(x, dy) and f2(x, dy) over the chunk's
@@ -243,7 +248,7 @@ void cl_partial_sums(int64_t B, int64_t S, int64_t C, int64_t nchunk, int nthrea
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> a1(C), a2(C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * nchunk; ++task) {
       const int64_t b = task / nchunk, k = task % nchunk;
       const int64_t s0 = k * chunk, s1 = std::min(S, s0 + chunk);
@@ -272,7 +277,7 @@ inline void cl_reduce(const std::vector<double>& p, int64_t B, int64_t nchunk, i
 template <class Body>
 void cl_elementwise(int64_t B, int64_t S, int64_t nchunk, int nthreads, Body body) {
   const int64_t chunk = (S + nchunk - 1) / nchunk;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t task = 0; task < B * nchunk; ++task) {
     const int64_t b = task / nchunk, k = task % nchunk;
     for (int64_t s = k * chunk; s < std::min(S, (k + 1) * chunk); ++s) body(b, s);
@@ -284,7 +289,7 @@ void fwd_cl(const typename S::T* x, typename S::T* y, float* mean, float* rstd, 
             int nthreads) {
   using T = typename S::T;
   const int64_t B = p.B, C = p.C, S_ = p.S, cpg = p.cpg;
-  const int64_t nchunk = cl_chunks(B, S_, nthreads);
+  const int64_t nchunk = cl_chunks(B, S_);
   std::vector<float> K(size_t(B * C));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c) K[b * C + c] = S::load(x + b * S_ * C + c);
@@ -436,7 +441,7 @@ void bwd_nchw(const typename S::T* dy, const typename S::T* x, typename S::T* dx
     std::vector<double> sdz(cpg), sdzx(cpg);
     std::vector<float> A(cpg), Bc(cpg);
     std::vector<BwdCoef> k(cpg);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t bg = 0; bg < p.B * p.G; ++bg) {
       const int64_t b = bg / p.G, g = bg % p.G;
       const int64_t off = (b * p.C + g * cpg) * S_;
@@ -468,7 +473,7 @@ void bwd_cl(const typename S::T* dy, const typename S::T* x, typename S::T* dx, 
             const float* rstd, float* sum_dz, float* sum_dzx, const Params& p, int nthreads) {
   using T = typename S::T;
   const int64_t B = p.B, C = p.C, S_ = p.S, cpg = p.cpg;
-  const int64_t nchunk = cl_chunks(B, S_, nthreads);
+  const int64_t nchunk = cl_chunks(B, S_);
   // Per (b, c): folded forward coefficients and xhat = x xr + xm.
   std::vector<float> A(size_t(B * C)), Bc(size_t(B * C)), XR(size_t(B * C)), XM(size_t(B * C));
   for (int64_t b = 0; b < B; ++b)
@@ -538,6 +543,7 @@ Params make_params(uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift, i
 void group_norm_fwd(int dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t scale, uintptr_t shift, uintptr_t y,
                     uintptr_t mean, uintptr_t rstd, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last,
                     double eps, int act, int nthreads) {
+  nthreads = threads_for(nthreads, 2.0 * B * C * S, kGrainElements);  // reads x twice
   const Params p = make_params(w, b, scale, shift, B, C, S, G);
   dispatch_float_types(dtype, "group_norm_silu", [&]<class St>() {
     using T = typename St::T;
@@ -555,6 +561,7 @@ void group_norm_bwd(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t
                     uintptr_t shift, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t sum_dz,
                     uintptr_t sum_dzx, int64_t B, int64_t C, int64_t S, int64_t G, int channels_last, int act,
                     int nthreads) {
+  nthreads = threads_for(nthreads, 3.0 * B * C * S, kGrainElements);  // reads x, dy and writes dx
   const Params p = make_params(w, b, scale, shift, B, C, S, G);
   dispatch_float_types(dtype, "group_norm_silu", [&]<class St>() {
     using T = typename St::T;

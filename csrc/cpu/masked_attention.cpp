@@ -19,6 +19,7 @@
 #endif
 
 #include "biogen/common.h"
+#include "biogen/parallel.h"
 #include "biogen/vec.h"
 
 namespace BIOGEN_CPU_NS {
@@ -223,8 +224,9 @@ void fwd_impl(const typename S::T* q, const typename S::T* k, const typename S::
 
 #pragma omp parallel num_threads(nthreads)
   {
-    // Padded query rows: zero output, lse = -inf (they attend nothing).
-#pragma omp for schedule(static)
+    // Padded query rows: zero output, lse = -inf (they attend nothing). Rows disjoint from the tasks'
+    // below: no barrier between the two loops.
+#pragma omp for schedule(static) nowait
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H;
       for (int64_t i = 0; pad != nullptr && i < L; ++i) {
@@ -511,6 +513,7 @@ void masked_attention_fwd_cpu(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, 
                               uintptr_t pad, uintptr_t known, int64_t B, int64_t H, int64_t L, int64_t D,
                               int64_t sqb, int64_t sqh, int64_t sql, int64_t skb, int64_t skh, int64_t skl,
                               int64_t svb, int64_t svh, int64_t svl, double scale, int nthreads) {
+  nthreads = threads_for(nthreads, 4.0 * B * H * L * L * D, kGrainFlops);  // QK^T and PV, at most
   FwdCall c{q, k, v, out, lse, pad, known, B, H, L, D, {sqb, sqh, sql}, {skb, skh, skl}, {svb, svh, svl},
             (float)scale, nthreads};
   dispatch_float_types(dtype, "masked_gene_attention", c);
@@ -522,6 +525,7 @@ void masked_attention_bwd_cpu(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, 
                               int64_t sqh, int64_t sql, int64_t skb, int64_t skh, int64_t skl, int64_t svb,
                               int64_t svh, int64_t svl, int64_t sob, int64_t soh, int64_t sol, int64_t sdb,
                               int64_t sdh, int64_t sdl, double scale, int nthreads) {
+  nthreads = threads_for(nthreads, 10.0 * B * H * L * L * D, kGrainFlops);  // five L x L x D products
   BwdCall c{q, k, v, o, dout, lse, dq, dk, dv, pad, known, B, H, L, D, {sqb, sqh, sql}, {skb, skh, skl},
             {svb, svh, svl}, {sob, soh, sol}, {sdb, sdh, sdl}, (float)scale, nthreads};
   dispatch_float_types(dtype, "masked_gene_attention", c);

@@ -23,6 +23,7 @@
 #endif
 
 #include "biogen/common.h"
+#include "biogen/parallel.h"
 #include "biogen/cpu_dispatch.h"
 #include "biogen/vec.h"
 
@@ -522,15 +523,21 @@ void merge_states(const Problem<S>& P, const std::vector<KeyState>& parts, int f
   *c_out = std::isfinite(c) ? c : 0.f;
 }
 
-// Key states of every (b, h): parallel over (b, h) and, when B*H is smaller than the thread count,
-// over key ranges too (partial states merged with running-max rescaling).
+// Key ranges per (b, h) when B*H is small: enough tasks for kSplitTasks threads. The count follows
+// the shape alone, so the partial sums and their merge order (hence the bits of the result) are
+// the same for any thread count.
+constexpr int kSplitTasks = 32;
+inline int key_splits(int BH, int nchunks) { return std::max(1, std::min(nchunks, (kSplitTasks + BH - 1) / BH)); }
+
+// Key states of every (b, h): parallel over (b, h) and, when B*H is small, over key ranges too
+// (partial states merged in range order with running-max rescaling).
 template <class S>
 void all_key_states(const Problem<S>& P, const typename S::T* k, const int64_t* ks, const typename S::T* v,
                     const int64_t* vs, int threads, std::vector<float>& C, std::vector<float>& z,
                     std::vector<float>& cst) {
   const int BH = P.B * P.H;
   const int nchunks = (P.L + kTile - 1) / kTile;
-  const int splits = std::max(1, std::min(nchunks, (threads + BH - 1) / BH));
+  const int splits = key_splits(BH, nchunks);
   const int per = (nchunks + splits - 1) / splits * kTile;
   const size_t MD = (size_t)P.Mp * P.Dp;
   std::vector<float> buf((size_t)BH * splits * (MD + P.Mp + P.Dp));
@@ -551,7 +558,7 @@ void all_key_states(const Problem<S>& P, const typename S::T* k, const int64_t* 
       const int l0 = std::min(P.L, sp * per), l1 = std::min(P.L, l0 + per);
       key_pass(P, k, ks, v, vs, bh / P.H, bh % P.H, l0, l1, w, parts[task]);
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int bh = 0; bh < BH; ++bh)
       merge_states(P, parts, bh * splits, splits, C.data() + bh * MD, z.data() + (size_t)bh * P.Mp, &cst[bh]);
   }
@@ -665,7 +672,7 @@ void bwd_noncausal(const Problem<S>& P, const typename S::T* q, const typename S
   const std::vector<uint32_t> CT16 = P.pack_each(CT, P.D, P.Mp);
   const size_t CT16s = (size_t)(P.D + 1) / 2 * P.Mp, C16s = (size_t)(P.m + 1) / 2 * P.Dp;
   // Query pass: dq, and dC = sum phi(q)^T dnum, dz = sum dden phi(q) in partial sums per split.
-  const int splits = std::max(1, std::min(nchunks, (threads + BH - 1) / BH));
+  const int splits = key_splits(BH, nchunks);
   const int per = (nchunks + splits - 1) / splits;
   std::vector<float> dCp((size_t)BH * splits * MD, 0.f), dzp((size_t)BH * splits * P.Mp, 0.f);
 #pragma omp parallel num_threads(threads)
@@ -1076,6 +1083,8 @@ void performer_fwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
                    uintptr_t state, uintptr_t pad, int B, int H, int L, int D, int m, int64_t qsb, int64_t qsh, int64_t qsl,
                    int64_t ksb, int64_t ksh, int64_t ksl, int64_t vsb, int64_t vsh, int64_t vsl, int causal,
                    int relu, float eps, int threads) {
+  // projections of q and k, the key state and the output: ~6 B H L m D flops
+  threads = biogen::threads_for(threads, 6.0 * B * H * L * m * D, biogen::kGrainFlops);
   Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {0, 0, 0}, {0, 0, 0}};
   biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
     using T = typename S::T;
@@ -1093,6 +1102,7 @@ void performer_bwd(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t p
                    int D, int m, int64_t qsb, int64_t qsh, int64_t qsl, int64_t ksb, int64_t ksh, int64_t ksl,
                    int64_t vsb, int64_t vsh, int64_t vsl, int64_t osb, int64_t osh, int64_t osl, int64_t gsb,
                    int64_t gsh, int64_t gsl, int causal, int relu, float eps, int threads) {
+  threads = biogen::threads_for(threads, 14.0 * B * H * L * m * D, biogen::kGrainFlops);
   Strides st{{qsb, qsh, qsl}, {ksb, ksh, ksl}, {vsb, vsh, vsl}, {osb, osh, osl}, {gsb, gsh, gsl}};
   biogen::dispatch_float_types(dtype, "performer_attention", [&]<class S>() {
     using T = typename S::T;

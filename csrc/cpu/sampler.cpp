@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "biogen/common.h"
+#include "biogen/parallel.h"
 
 namespace BIOGEN_CPU_NS {
 using namespace biogen;
@@ -141,6 +142,7 @@ void sampler_step(int dtype, uintptr_t x, uintptr_t m, uintptr_t mu, uintptr_t p
                   uintptr_t c_noise, uintptr_t c_prev_x0, int64_t B, int64_t N, int pred, double w, double clip,
                   double ratio, double max_value, int clipped_eps, int nthreads) {
   BIOGEN_CHECK(B > 0 && N > 0, "sampler_step: empty input");
+  nthreads = threads_for(nthreads, 4.0 * B * N, kGrainElements);  // reads x and the model outputs
   BIOGEN_CHECK(pred >= 0 && pred <= 2, "sampler_step: unknown prediction type");
   BIOGEN_CHECK((px0 == 0) == (c_prev_x0 == 0), "sampler_step: prev_x0 and c_prev_x0 go together");
   BIOGEN_CHECK((noise == 0) == (c_noise == 0), "sampler_step: noise and c_noise go together");

@@ -53,11 +53,15 @@ class ScGPTAnnotator:
         self.model = None
 
     def fit(self, train, label_key: str, *, layer: Optional[str] = None, batch_key: Optional[str] = None) -> None:
+        import torch
+
         from .model import ScGPT
 
         r = self.recipe
-        self.model = ScGPT(train, label_key=label_key, batch_key=batch_key, layer=layer, config=r["model"],
-                           **self.config_overrides)
+        with torch.random.fork_rng():  # the seed fixes the initial weights too, whatever the global RNG holds
+            torch.manual_seed(self.seed)
+            self.model = ScGPT(train, label_key=label_key, batch_key=batch_key, layer=layer, config=r["model"],
+                               **self.config_overrides)
         if r["pretrain_epochs"]:
             self.model.pretrain(epochs=r["pretrain_epochs"], mode="mlm", batch_size=r["batch_size"], lr=r["lr"],
                                 validation_fraction=0.0, progress=self.progress, seed=self.seed)
