@@ -500,10 +500,10 @@ def test_rnacdm_train_vae_broken_resume(rna_runs, rna, broken, capsys):
 @pytest.mark.parametrize("sub", ["sample", "evaluate", "train"])
 def test_rnacdm_broken_checkpoints(sub, which, how, rna_runs, rna, broken, capsys, tmp_path):
     if sub == "train" and which == "model":
-        which = "resume"
+        which = "init"
     vae = broken.copy(rna_runs[0] / "vae.safetensors", "vae.safetensors")
     cdm = broken.copy(rna_runs[1] / "cascade.safetensors", "cascade.safetensors")
-    files = {"model": cdm, "resume": cdm, "vae": vae}
+    files = {"model": cdm, "init": cdm, "vae": vae}
     named = files[which]
     if how == "wrong model type":  # the other kind of file where this one is expected
         files[which] = named = vae if which != "vae" else cdm
@@ -515,8 +515,8 @@ def test_rnacdm_broken_checkpoints(sub, which, how, rna_runs, rna, broken, capsy
         argv += ["--model", str(files["model"]), "--steps", "1", "--per-sample", "1"]
     else:
         argv += ["--tiles", str(tiles), "--preset", "tiny", "--steps", "1"]
-        if which == "resume":
-            argv += ["--resume", str(files["resume"])]
+        if which == "init":
+            argv += ["--init", str(files["init"])]
     if sub == "evaluate":
         argv += ["--tiles", str(tiles)]
     line = assert_refused(argv, named, capsys, protected=[vae, cdm])
@@ -569,3 +569,27 @@ def test_ctrl_c_during_rnacdm_train_vae_names_the_intact_checkpoint(rna, tmp_pat
     assert str(ck) in line and "is intact" in line and line.endswith(" --resume")
     state = verify_checkpoint(ck)
     assert f"after epoch {state['epoch']}" in line
+
+
+# ------------------------------------------------------------------------------- --device
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "tpu-please"])
+@pytest.mark.parametrize("argv", [
+    ["annotate", "benchmark", "--h5ad", "absent.h5ad", "--label-key", "x", "--out", "o"],
+    ["annotate", "train", "--h5ad", "absent.h5ad", "--label-key", "x", "--model", "scgpt", "--out", "o"],
+    ["annotate", "predict", "--model", "absent_model", "--h5ad", "absent.h5ad", "--out", "o.h5ad"],
+    ["demo", "--out", "o"],
+    ["tumorsynth", "train", "--out", "o"],
+    ["tumorsynth", "demo", "--out", "o"],
+    ["pumamednet", "train", "--data", "absent", "--out", "o"],
+    ["rnacdm", "train-vae", "--rna", "absent.h5ad", "--out", "o"],
+    ["rnacdm", "train", "--rna", "absent.h5ad", "--tiles", "t", "--vae", "v", "--out", "o"],
+    ["rnacdm", "sample", "--rna", "absent.h5ad", "--model", "m", "--vae", "v", "--out", "o"],
+    ["rnacdm", "demo", "--out", "o"],
+], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else a)
+def test_an_unusable_device_is_refused_before_any_work(argv, device, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the inputs above are absent: the device must be what is named
+    line = assert_refused(argv + ["--device", device], "--device", capsys)
+    assert device in line
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -126,7 +126,7 @@ def test_cascade_two_processes_match_one_and_resume_in_one(rna, vae_two, tmp_pat
     two, one = tmp_path / "two", tmp_path / "one"
     r = _run2(CDM_ARGS + data + ["--steps", "2", "--out", str(two)], two, tmp_path)
     assert r.stdout.count("wrote ") == 1
-    assert {p.name for p in two.iterdir()} == {"cascade.safetensors", "history.json"}
+    assert {p.name for p in two.iterdir()} == {"cascade.safetensors", "checkpoint", "history.json"}
     _cli(CDM_ARGS + data + ["--steps", "2", "--out", str(one)])
     a, b = load_file(str(one / "cascade.safetensors")), load_file(str(two / "cascade.safetensors"))
     # batch 5 splits 3 + 2: the loss scale makes DDP's average the global-batch mean
@@ -140,12 +140,18 @@ def test_cascade_two_processes_match_one_and_resume_in_one(rna, vae_two, tmp_pat
     ha, hb = (json.loads((d / "history.json").read_text()) for d in (one, two))
     assert hb["world_size"] == 2 and ha["world_size"] == 1
     np.testing.assert_allclose(hb["base"], ha["base"], rtol=1e-5)  # global-batch losses
-    # a 2-process checkpoint resumes in one process exactly as the 1-process one does
-    for src, dst in ((one, "r1"), (two, "r2")):
-        _cli(CDM_ARGS + data + ["--steps", "1", "--resume", str(src / "cascade.safetensors"),
-                                "--out", str(tmp_path / dst)])
-    _assert_same(load_file(str(tmp_path / "r1" / "cascade.safetensors")),
-                 load_file(str(tmp_path / "r2" / "cascade.safetensors")), 4e-6, "resumed")
+    # a 2-process checkpoint resumes in one process as the 1-process one does (a third step), and a
+    # saved cascade starts a new run (--init) the same from either
+    for src in (one, two):
+        _cli(CDM_ARGS + data + ["--steps", "3", "--resume", "--out", str(src)])
+        _cli(CDM_ARGS + data + ["--steps", "1", "--init", str(src / "cascade.safetensors"),
+                                "--out", str(tmp_path / f"init_{src.name}")])
+    a, b = load_file(str(one / "cascade.safetensors")), load_file(str(two / "cascade.safetensors"))
+    _assert_same(a, b, 4e-6, "resumed")
+    assert json.loads((one / "history.json").read_text())["base"][:2] == ha["base"]  # continued, not restarted
+    assert len(json.loads((one / "history.json").read_text())["base"]) == 3
+    _assert_same(load_file(str(tmp_path / "init_one" / "cascade.safetensors")),
+                 load_file(str(tmp_path / "init_two" / "cascade.safetensors")), 4e-6, "init")
 
 
 # ------------------------------------------------------------------------------------ PumaMedNet

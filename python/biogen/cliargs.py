@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["command_group", "add_out", "add_seed", "add_device", "add_no_progress", "add_resume"]
+__all__ = ["command_group", "add_out", "add_seed", "add_device", "resolve_device", "add_no_progress", "add_resume"]
 
 
 def command_group(sub, name: str, *, help: str, description: str, metavar: str = "ACTION"):
@@ -37,8 +37,33 @@ def add_seed(p: argparse.ArgumentParser, help: str = "random seed (default 0)", 
     p.add_argument("--seed", type=int, default=default, help=help)
 
 
-def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
-    p.add_argument("--device", default=default, help=f"torch device: cpu, cuda, cuda:1 or auto (default: {default})")
+def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help="torch device: cpu, cuda, cuda:1, or auto = the GPU when torch "
+                   f"sees one, else the CPU; under torchrun each process's own (default: {default})")
+
+
+def resolve_device(name: str):
+    """The torch device for ``--device``; under torchrun each process's own (see :mod:`biogen.distributed`):
+    ``cpu`` trains on CPUs with Gloo, anything else on the process's GPU (``LOCAL_RANK``) with NCCL.
+    A device torch cannot use is refused here, before any work."""
+    import torch
+
+    from . import distributed as bdist
+    from .errors import InputError
+
+    if bdist.launched_by_torchrun():
+        bdist.init("gloo" if name == "cpu" or not torch.cuda.is_available() else "nccl")
+        return torch.device("cpu") if name == "cpu" else bdist.device()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here",
+                         hint="use --device cpu or auto")
+    return dev
 
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:

@@ -354,7 +354,7 @@ def _lazy(module: str, cls: str) -> Callable[..., Annotator]:
     def factory(**kw):
         return getattr(importlib.import_module(module), cls)(**kw)
 
-    factory.load = lambda path: getattr(importlib.import_module(module), cls).load(path)
+    factory.load = lambda path, **kw: getattr(importlib.import_module(module), cls).load(path, **kw)
     return factory
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cliargs import add_device, add_no_progress, add_out, add_seed, command_group
 from ..errors import IncompatibleError, InputError, OutputExistsError
 
 # The demo's repeats: paired splits enough for a t-test with 4 degrees of freedom; the demo then takes about
@@ -31,18 +32,25 @@ def _parse_subset(items):
     return out or None
 
 
+TRANSFORMERS = ("scgpt", "scbert")
+
+
+def _transformer_opts(args) -> dict:
+    """The options of the transformer annotators from the command line (the baselines take none)."""
+    from ..cliargs import resolve_device
+
+    o = {"preset": args.preset, "device": str(resolve_device(args.device))}
+    if getattr(args, "epochs", None) is not None:
+        o["epochs"] = args.epochs
+    if getattr(args, "pretrain_epochs", None) is not None:
+        o["pretrain_epochs"] = args.pretrain_epochs
+    return o
+
+
 def _config(args, models):
     from .benchmark import BenchmarkConfig
 
-    opts = {}
-    for name in models:
-        if name in ("scgpt", "scbert"):
-            o = {"preset": args.preset}
-            if args.epochs is not None:
-                o["epochs"] = args.epochs
-            if getattr(args, "pretrain_epochs", None) is not None:
-                o["pretrain_epochs"] = args.pretrain_epochs
-            opts[name] = o
+    opts = {name: _transformer_opts(args) for name in models if name in TRANSFORMERS}
     return BenchmarkConfig(label_key=args.label_key, donor_key=args.donor_key, batch_key=args.batch_key,
                            layer=args.layer, models=tuple(models), min_cells_per_class=args.min_cells,
                            drop_labels=tuple(args.drop_labels or ()),
@@ -115,6 +123,9 @@ def _cmd_train(args) -> int:
 
     if args.model not in ANNOTATORS:
         raise InputError(f"unknown model {args.model!r}; available: {sorted(ANNOTATORS)}")
+    from ..cliargs import resolve_device
+
+    resolve_device(args.device)  # an unusable --device fails before the data is read
     adata = _read_h5ad(args.h5ad)
     check_label_key(adata, args.label_key)
     check_counts(adata, layer=args.layer)
@@ -125,9 +136,9 @@ def _cmd_train(args) -> int:
     if bdist.is_main():
         check_output_dir(out, overwrite=args.overwrite)  # before training, not after
     bdist.barrier()
-    opts = {"preset": args.preset} if args.model in ("scgpt", "scbert") else {}
-    if args.epochs is not None and args.model in ("scgpt", "scbert"):
-        opts["epochs"] = args.epochs
+    opts = {"seed": args.seed}
+    if args.model in TRANSFORMERS:
+        opts.update(_transformer_opts(args), progress=not args.no_progress)
     model = ANNOTATORS[args.model](**opts)
     with on_interrupt(lambda: f"no model was saved and {out} is as it was; run the same command again "
                               "to train from the start"):
@@ -145,8 +156,9 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def load_annotator(model_dir):
-    """Verify and load a folder written by ``annotate train``: ``(model name, annotator.json, model)``."""
+def load_annotator(model_dir, device=None):
+    """Verify and load a folder written by ``annotate train``: ``(model name, annotator.json, model)``;
+    ``device``: where a transformer's weights go (the baselines run on the CPU)."""
     from .._io import MANIFEST, read_json, verify_folder
     from .benchmark import ANNOTATORS, load_baseline
 
@@ -163,7 +175,7 @@ def load_annotator(model_dir):
     factory = ANNOTATORS[name]
     load = getattr(factory, "load", None)
     if load is not None:
-        model = load(d / "model")
+        model = load(d / "model", device=device) if name in TRANSFORMERS else load(d / "model")
     else:  # a baseline registered without the save/load mixin
         model = load_baseline(d / "model", factory if isinstance(factory, type) else None)
     return name, meta, model
@@ -178,7 +190,9 @@ def _cmd_predict(args) -> int:
         raise InputError("--out must differ from --h5ad: biogen never overwrites your input", path=out)
     if out.exists() and not args.overwrite:
         raise OutputExistsError("exists", path=out, hint="choose another --out, or pass --overwrite to replace it")
-    name, meta, model = load_annotator(args.model_dir)
+    from ..cliargs import resolve_device
+
+    name, meta, model = load_annotator(args.model_dir, device=resolve_device(args.device))
     adata = _read_h5ad(args.h5ad)
     check_unique_genes(adata, "query", path=args.h5ad)
     pred = model.predict(adata)
@@ -204,7 +218,7 @@ def _cmd_demo(args) -> int:
     from .datasets import pbmc68k
 
     models = _models(args.models)
-    opts = {m: {"preset": args.preset} for m in models if m in ("scgpt", "scbert")}
+    opts = {m: _transformer_opts(args) for m in models if m in TRANSFORMERS}
     config = BenchmarkConfig(label_key="bulk_labels", layer="counts", models=tuple(models), seed=args.seed,
                              model_options=opts)
     t0 = time.perf_counter()
@@ -245,7 +259,7 @@ def _filters(p):
     p.add_argument("--keep-labels", nargs="+", metavar="LABEL", help="keep only cells with these labels")
     p.add_argument("--subset", nargs="+", metavar="COL=V1,V2", help="keep cells whose obs column has one of the values")
     p.add_argument("--test-size", type=float, default=0.2, help="held-out fraction (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the split and the models (default 0)")
+    add_seed(p, "random seed for the split and the models (default 0)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="run the protocol N times with seeds SEED..SEED+N-1 "
                    "(new split and model seeds each time, shared by all models) and compare the models pair by pair "
                    "over the N splits (default 1)")
@@ -254,15 +268,16 @@ def _filters(p):
 def _model_opts(p):
     p.add_argument("--preset", default="small", help="transformer preset: tiny, small or paper (default small)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs of the transformer models (default: the preset's)")
+    add_device(p)
 
 
 def add_cli(sub) -> None:
     from .benchmark import ANNOTATORS
 
     names = ", ".join(sorted(ANNOTATORS))
-    p = sub.add_parser("annotate", help="cell-type annotation: the thesis's benchmark, training, prediction",
-                       description="Cell-type annotation on AnnData (.h5ad with raw counts).")
-    s = p.add_subparsers(dest="annotate_command", metavar="COMMAND", required=True)
+    s = command_group(sub, "annotate", metavar="COMMAND",
+                      help="cell-type annotation: the thesis's benchmark, training, prediction",
+                      description="Cell-type annotation on AnnData (.h5ad with raw counts).")
     b = s.add_parser("benchmark", help="compare annotators on a reference / held-out split",
                      description="Filter, split, train every selected model on the reference split, predict "
                      "the held-out cells, and write metrics.csv, per_class.csv, split.csv, confusion matrices, "
@@ -275,9 +290,8 @@ def add_cli(sub) -> None:
     _model_opts(b)
     b.add_argument("--pretrain-epochs", type=int, help="self-supervised pretraining epochs on the reference cells "
                    "before fine-tuning (transformer models; default: the preset's)")
-    b.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
-    b.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only once all succeeds)")
-    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_out(b, "output folder (must be new or empty unless --overwrite, which replaces it only once all succeeds)")
+    add_no_progress(b)
     b.set_defaults(func=_cmd_benchmark)
 
     t = s.add_parser("train", help="train one annotator and save it",
@@ -286,9 +300,10 @@ def add_cli(sub) -> None:
     _common(t)
     t.add_argument("--model", required=True, help=f"model to train ({names})")
     _model_opts(t)
-    t.add_argument("--out", required=True, help="folder to save the model in")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder whole (once the "
-                   "new model is saved; nothing of the old one remains)")
+    add_seed(t, "random seed of the model's initialisation and training (default 0)")
+    add_out(t, "folder to save the model in (must be new or empty unless --overwrite, which replaces it whole "
+            "once the new model is saved; nothing of the old one remains)")
+    add_no_progress(t)
     t.set_defaults(func=_cmd_train)
 
     q = s.add_parser("predict", help="annotate a new .h5ad with a saved model",
@@ -297,8 +312,8 @@ def add_cli(sub) -> None:
     q.add_argument("--model", "--model-dir", dest="model_dir", required=True,
                    help="folder written by 'biogen annotate train' (--model-dir: the older spelling)")
     q.add_argument("--h5ad", required=True, help="query AnnData with raw counts")
-    q.add_argument("--out", required=True, help="output .h5ad")
-    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_out(q, "output .h5ad (must not exist unless --overwrite)")
+    add_device(q)
     q.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="the main job: the annotation benchmark on bundled real data",
@@ -306,12 +321,12 @@ def add_cli(sub) -> None:
                        "PBMCs, counts recovered, 10 bulk_labels) with CPU-sized presets over --repeats seeded splits, "
                        "with paired significance tests between the models; writes a report "
                        "folder. Finishes in minutes on a laptop CPU.")
-    d.add_argument("--out", default="biogen-demo", help="output folder (default biogen-demo)")
+    add_out(d, "output folder (default biogen-demo; must be new or empty unless --overwrite)", default="biogen-demo")
     d.add_argument("--models", default="all", help=f"comma-separated models or 'all' (available: {names})")
     d.add_argument("--preset", default="small", help="transformer preset (default small)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_seed(d)
     d.add_argument("--repeats", type=_positive_int, default=DEMO_REPEATS,
                    help=f"splits x seeds to average and compare over (default {DEMO_REPEATS})")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device(d)
+    add_no_progress(d)
     d.set_defaults(func=_cmd_demo)

@@ -232,6 +232,48 @@ def test_training_lowers_the_loss_both_stages(toy):
         train_cascade(m, tiles, z[:3])
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_cascade_resumes_like_the_uninterrupted_run(toy, tmp_path, ema):
+    tiles = toy.tiles.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2).astype(np.float32)[:16] / 127.5 - 1
+    z = np.random.default_rng(0).normal(size=(len(tiles), LATENT)).astype(np.float32)
+    tc = CascadeTrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, ema_decay=ema)
+
+    def fresh():
+        torch.manual_seed(0)
+        return RNACDM(cascade_preset("tiny", LATENT))
+
+    full = fresh()
+    h_full = train_cascade(full, tiles, z, tc, stages=("base",), checkpoint_dir=tmp_path / "full", checkpoint_every=2)
+
+    class Crash(Exception):
+        pass
+
+    part = fresh()
+    calls = {"n": 0}
+    loss = part.loss
+
+    def crash_in_step_4(*a, **k):  # after the checkpoint of step 3 (every 3 steps), before step 4's update
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash
+        return loss(*a, **k)
+
+    part.loss = crash_in_step_4
+    with pytest.raises(Crash):
+        train_cascade(part, tiles, z, tc, stages=("base",), checkpoint_dir=tmp_path / "part", checkpoint_every=3)
+    part = fresh()  # a new process: nothing survives but the checkpoint
+    h_part = train_cascade(part, tiles, z, tc, stages=("base",), checkpoint_dir=tmp_path / "part", resume=True,
+                           checkpoint_every=3)
+    assert h_part["base"] == h_full["base"] and len(h_full["base"]) == 6
+    for (k, a), b in zip(full.state_dict().items(), part.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        train_cascade(fresh(), tiles, z, tc, stages=("base",), checkpoint_dir=tmp_path / "full")
+    with pytest.raises(ValueError, match="another configuration"):
+        train_cascade(fresh(), tiles, z, CascadeTrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2),
+                      stages=("base",), checkpoint_dir=tmp_path / "full", resume=True)
+
+
 def test_checkpoint_round_trip_and_other_preset(cdm, tmp_path):
     path = cdm.save(tmp_path / "c.safetensors")
     m2 = RNACDM.load(path, preset="tiny")

@@ -9,22 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...cliargs import add_device, add_out, add_resume, add_seed, command_group
-
-
-def _device(name: str):
-    """The torch device for ``--device``; under torchrun each process's own (see :mod:`biogen.distributed`):
-    ``cpu`` trains on CPUs with Gloo, anything else on the process's GPU (``LOCAL_RANK``) with NCCL."""
-    import torch
-
-    from ... import distributed as bdist
-
-    if bdist.launched_by_torchrun():
-        bdist.init("gloo" if name == "cpu" or not torch.cuda.is_available() else "nccl")
-        return torch.device("cpu") if name == "cpu" else bdist.device()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from ...cliargs import add_device, add_out, add_resume, add_seed, command_group, resolve_device
 
 
 def _read(data: str | Path, size: int, channels: int):
@@ -116,7 +101,7 @@ def _cmd_train(args) -> int:
     from ...utils import prepare_output_dir
 
     cfg = _config_from_args(args)
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     if args.resume:
         out = Path(args.out)
         if not (out / "checkpoint" / "trainer_state.json").exists():
@@ -154,7 +139,7 @@ def _cmd_explain(args) -> int:
     from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    res = _explain(args.model, args.data, out, _device(args.device), args.n_images, args.n_steps, args.top_k)
+    res = _explain(args.model, args.data, out, resolve_device(args.device), args.n_images, args.n_steps, args.top_k)
     print(f"latent axes most used by the classifier: {res['top_latent_dims']}; wrote "
           f"{', '.join(res['files'])} and explain.json to {out}")
     return 0
@@ -238,7 +223,7 @@ def _cmd_audit(args) -> int:
     from ...utils import prepare_output_dir
 
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    rep = _audit(args.model, args.data, out, _device(args.device), metadata=args.metadata,
+    rep = _audit(args.model, args.data, out, resolve_device(args.device), metadata=args.metadata,
                  attributes=args.attribute, regions=args.region or (), grid=args.grid, threshold=args.threshold,
                  seed=args.seed)
     _print_audit(rep)
@@ -253,7 +238,7 @@ def _cmd_demo(args) -> int:
     from .data import make_synthetic_cxr, write_synthetic_folder
     from .network import PRESETS
 
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     bdist.barrier()
     cfg = replace(PRESETS[args.preset], seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))

@@ -431,7 +431,8 @@ class _Trainable(nn.Module):
 
 
 def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainConfig] = None,
-                  stages: Sequence[str] = STAGES, log: Optional[Callable[[str], None]] = None) -> dict:
+                  stages: Sequence[str] = STAGES, log: Optional[Callable[[str], None]] = None, *,
+                  checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = False) -> dict:
     """Train the given stages of ``model`` on paired tiles and latents.
 
     tiles: (n, 3, S, S) float in [-1, 1] with S = ``sr_size`` (or ``base_size`` when training only
@@ -449,6 +450,11 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     history are global-batch means; ``log`` runs on rank 0 only; the ``max_seconds`` budget and the
     clock-driven learning rate use the ranks' mean elapsed time, so all ranks stop together. Under
     NCCL the model is moved to this rank's GPU.
+
+    ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end, write the weights, the EMA,
+    the optimiser, the generator, the clock and the history there (:mod:`biogen.checkpoint`);
+    ``resume=True`` continues from it (same data, config and stages; ``steps`` may grow), giving the
+    parameters an uninterrupted run reaches (with a ``max_seconds`` budget, the clock also continues from the save).
     """
     from ... import distributed as bdist
 
@@ -502,11 +508,39 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
     g = torch.Generator().manual_seed(tc.seed)
     hist: dict = {s: [] for s in stages}
     hist["step_seconds"] = []
-    t0 = time.perf_counter()
+    start, elapsed = 0, 0.0  # elapsed: the clock the LR schedule and the budget follow (ranks' mean)
+    resumable = {"model": asdict(c), "train": {k: v for k, v in asdict(tc).items() if k != "steps"},  # may grow
+                 "stages": list(stages), "tiles": list(x.shape)}
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        from ...checkpoint import load_training_state
+
+        flat_ema: dict = {}
+        state = load_training_state(checkpoint_dir, modules={"model": model, "ema": flat_ema}, optimizers={"opt": opt},
+                                    generators={"g": g}, config=resumable)
+        start, elapsed, hist = state["step"], state["elapsed"], state["history"]
+        if ema is not None:
+            for s in stages:
+                for part_name, tgt in zip(("tokens", "unets"), ema[s]):
+                    for k in tgt:
+                        tgt[k].copy_(flat_ema[f"{s}.{part_name}.{k}"])
+    elif checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer_state.json").exists():
+        raise FileExistsError(f"{checkpoint_dir} already holds a checkpoint: pass resume=True or another folder")
+
+    def save_checkpoint(step_done: int) -> None:
+        from ...checkpoint import save_training_state
+
+        flat = {} if ema is None else {f"{s}.{n}.{k}": v for s in stages
+                                       for n, sd in zip(("tokens", "unets"), ema[s]) for k, v in sd.items()}
+        save_training_state(checkpoint_dir, modules={"model": model, "ema": flat}, optimizers={"opt": opt},
+                            generators={"g": g},
+                            state={"step": step_done, "elapsed": elapsed, "history": hist, "config": resumable})
+
+    t0 = time.perf_counter() - elapsed
     model.train()
     dev = model.latent_mean.device
-    elapsed = 0.0  # the clock the LR schedule and the budget follow (the ranks' mean under torchrun)
-    for step in range(tc.steps):
+    for step in range(start, tc.steps):
         ts = time.perf_counter()
         if world == 1:
             elapsed = ts - t0
@@ -543,7 +577,11 @@ def train_cascade(model: RNACDM, tiles, latents, config: Optional[CascadeTrainCo
         if log and bdist.is_main() and (step % 50 == 0 or step == tc.steps - 1):
             log(f"step {step + 1}/{tc.steps} " + " ".join(f"{s} {np.mean(hist[s][-50:]):.4f}" for s in stages)
                 + f" ({time.perf_counter() - t0:.0f}s)")
-        if tc.max_seconds is not None and (elapsed if world > 1 else time.perf_counter() - t0) > tc.max_seconds:
+        out_of_time = tc.max_seconds is not None and (elapsed if world > 1 else time.perf_counter() - t0) > tc.max_seconds
+        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or out_of_time or step == tc.steps - 1):
+            elapsed = elapsed if world > 1 else time.perf_counter() - t0
+            save_checkpoint(step + 1)
+        if out_of_time:
             if log and bdist.is_main():
                 log(f"stopping after {step + 1} steps: time budget of {tc.max_seconds:.0f}s reached")
             break

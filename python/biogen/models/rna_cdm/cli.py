@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..._io import read_h5ad
-from ...cliargs import add_out, add_resume, add_seed, command_group
+from ...cliargs import add_device, add_no_progress, add_out, add_resume, add_seed, command_group, resolve_device
 
 __all__ = ["add_cli", "evaluate_generated", "run_demo"]
 
@@ -113,7 +113,7 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
              tiles_per_sample: int = 4, eval_tiles_per_sample: int = 2, steps: int = 25, sr_steps: int = 15,
              guidance_scale: float = 3.0, perturb_amount: float = 0.3, seed: int = 0, overwrite: bool = False,
              log: Optional[Callable[[str], None]] = None, downstream: bool = True, downstream_samples: int = 60,
-             downstream_label: str = "cancer_type", downstream_config=None) -> dict:
+             downstream_label: str = "cancer_type", downstream_config=None, device=None) -> dict:
     """Toy tissue -> RNA beta-VAE -> cascade (``preset``) -> grids, composition fidelity, perturbation,
     FID/KID; writes everything under ``out`` and returns the metrics dict (also ``metrics.json``).
 
@@ -121,6 +121,9 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     (:mod:`biogen.models.rna_cdm.downstream`): tiles generated from the cascade's training samples' RNA, k-fold
     cross-validation on the real tiles of ``downstream_samples`` freshly simulated samples that
     neither the VAE nor the cascade saw, labelled by ``downstream_label``.
+
+    ``device``: where the VAE and the cascade train and sample (default: the CPU, or this process's
+    device under torchrun); the downstream tile classifier trains on the CPU.
 
     Under torchrun every process trains the VAE and the cascade (DDP, global batches split across
     the processes); rank 0 alone writes, logs and evaluates, and every rank returns its metrics.
@@ -156,7 +159,8 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
 
     log("training the RNA beta-VAE")
     enc, vh = RNAEncoder.fit(adata, RNAVAEConfig(n_genes=adata.n_vars, hidden=(256, 128), latent_dim=16),
-                             VAETrainConfig(epochs=150, batch_size=32, lr=3e-3, warmup_epochs=5, patience=20, seed=seed))
+                             VAETrainConfig(epochs=150, batch_size=32, lr=3e-3, warmup_epochs=5, patience=20, seed=seed),
+                             device=device)
     z_all = enc.export_latents(adata)
     if main:
         enc.save(out / "vae.safetensors")
@@ -170,6 +174,8 @@ def run_demo(out: str | Path, *, minutes: float = 4.0, preset: str = "cpu", n_sa
     x_train = paired.tiles[tile_train]
     z_train = z_all[paired.sample_index[tile_train]]
     model = RNACDM(cascade_preset(preset, enc.latent_dim))
+    if device is not None:
+        model.to(device)
     budget = minutes * 60.0
     hist = {}
     # the budget is split evenly between the stages (an SR step costs ~2x a base step); the
@@ -306,10 +312,11 @@ def _output_dir(args) -> Path:
     from ...utils import prepare_output_dir
 
     bdist.init()
-    if getattr(args, "resume", None) is True:  # train-vae --resume: the folder of the interrupted run
+    if getattr(args, "resume", False):  # train-vae / train --resume: the folder of the interrupted run
         out = Path(args.out)
         if not (out / "checkpoint" / "trainer_state.json").exists():
-            raise FileNotFoundError(f"--resume: {out / 'checkpoint'} holds no checkpoint of an earlier train-vae")
+            raise FileNotFoundError(f"--resume: {out / 'checkpoint'} holds no checkpoint of an earlier "
+                                    f"'rnacdm {args.rnacdm_command}'")
     else:
         out = prepare_output_dir(args.out, overwrite=args.overwrite)
     bdist.barrier()
@@ -323,6 +330,7 @@ def _cmd_train_vae(args) -> int:
     from ...utils import write_json
     from .vae import RNAEncoder, RNAVAEConfig, VAETrainConfig, plot_latents
 
+    dev = resolve_device(args.device)
     out = _output_dir(args)
     adata = read_h5ad(args.rna, what="--rna file")
     label = None if args.label_key == "none" else args.label_key
@@ -332,7 +340,7 @@ def _cmd_train_vae(args) -> int:
             RNAVAEConfig(n_genes=adata.n_vars, hidden=tuple(args.hidden), latent_dim=args.latent, beta=args.beta),
             VAETrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            warmup_epochs=args.warmup_epochs, patience=args.patience, label_key=label, seed=args.seed),
-            log=print if args.verbose else None, checkpoint_dir=out / "checkpoint", resume=args.resume,
+            log=print if args.verbose else None, checkpoint_dir=out / "checkpoint", resume=args.resume, device=dev,
         )
     if not bdist.is_main():
         return 0
@@ -354,28 +362,35 @@ def _cmd_train(args) -> int:
     import torch
 
     from ... import distributed as bdist
+    from ...checkpoint import checkpoint_note
     from ...data.paired import load_paired
+    from ...errors import on_interrupt, resume_command
     from ...utils import write_json
     from .cascade import CascadeTrainConfig, RNACDM, cascade_preset, train_cascade
     from .vae import RNAEncoder
 
+    dev = resolve_device(args.device)
     out = _output_dir(args)
     enc = RNAEncoder.load(args.vae)
     paired = load_paired(read_h5ad(args.rna, what="--rna file"), args.tiles, sample_key=args.sample_key,
                          allow_unmatched=args.allow_unmatched)
-    if args.resume:
-        model = RNACDM.load(args.resume, preset=args.preset)
+    if args.init:
+        model = RNACDM.load(args.init, preset=args.preset)
     else:
         torch.manual_seed(args.seed)  # the same initial weights in every process (and every run)
         model = RNACDM(cascade_preset(args.preset, enc.latent_dim))
     if model.config.latent_dim != enc.latent_dim:
         raise ValueError(f"the cascade expects latents of {model.config.latent_dim} but the VAE makes {enc.latent_dim}")
+    model.to(dev)
     z = _latents_per_tile(enc, paired)
-    hist = train_cascade(model, paired.tiles, z,
-                         CascadeTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                            ema_decay=args.ema, seed=args.seed,
-                                            max_seconds=args.minutes * 60 if args.minutes else None),
-                         stages=tuple(args.stages), log=lambda msg: print(msg, flush=True))
+    with on_interrupt(lambda: checkpoint_note(out / "checkpoint", resume_command(args.argv))):
+        hist = train_cascade(model, paired.tiles, z,
+                             CascadeTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                ema_decay=args.ema, seed=args.seed,
+                                                max_seconds=args.minutes * 60 if args.minutes else None),
+                             stages=tuple(args.stages), log=lambda msg: print(msg, flush=True),
+                             checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every,
+                             resume=args.resume)
     if bdist.is_main():
         model.save(out / "cascade.safetensors", extra={"vae": str(args.vae)})
         write_json(out / "history.json", _js({**hist, "world_size": bdist.world_size()}))
@@ -393,9 +408,10 @@ def _cmd_sample(args) -> int:
     from .vae import RNAEncoder
     from PIL import Image
 
+    dev = resolve_device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
-    model = RNACDM.load(args.model, preset=args.preset)
+    model = RNACDM.load(args.model, preset=args.preset).to(dev)
     adata = read_h5ad(args.rna, what="--rna file")
     if args.samples:
         missing = [s for s in args.samples if s not in adata.obs_names]
@@ -406,7 +422,7 @@ def _cmd_sample(args) -> int:
     zr = torch.from_numpy(np.repeat(z, args.per_sample, axis=0))
     g = torch.Generator().manual_seed(args.seed)
     tiles = model.sample(zr, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance,
-                         generator=g, progress=True).numpy()
+                         generator=g, progress=not args.no_progress).cpu().numpy()
     for i, sid in enumerate(np.repeat(np.asarray(adata.obs_names), args.per_sample)):
         j = i % args.per_sample
         arr = ((tiles[i].transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
@@ -447,9 +463,10 @@ def _cmd_evaluate(args) -> int:
     from .vae import RNAEncoder
 
     down_cfg = _downstream_config(args) if args.downstream else None  # bad options fail before any work
+    dev = resolve_device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     enc = RNAEncoder.load(args.vae)
-    model = RNACDM.load(args.model, preset=args.preset)
+    model = RNACDM.load(args.model, preset=args.preset).to(dev)
     paired = load_paired(read_h5ad(args.rna, what="--rna file"), args.tiles, sample_key=args.sample_key,
                          allow_unmatched=args.allow_unmatched,
                          size=model.config.sr_size)
@@ -487,7 +504,8 @@ def _cmd_demo(args) -> int:
     run_demo(args.out, minutes=args.minutes, preset=args.preset, n_samples=args.samples,
              tiles_per_sample=args.tiles_per_sample, eval_tiles_per_sample=args.eval_tiles, steps=args.steps,
              sr_steps=args.sr_steps, guidance_scale=args.guidance, seed=args.seed, overwrite=args.overwrite,
-             downstream=not args.no_downstream, downstream_samples=args.downstream_samples)
+             downstream=not args.no_downstream, downstream_samples=args.downstream_samples,
+             device=resolve_device(args.device))
     return 0
 
 
@@ -523,6 +541,7 @@ def add_cli(sub) -> None:
     add_resume(q, "continue an interrupted run from OUT/checkpoint (written after every epoch; same data and "
                "options, --epochs may grow)")
     common(q, "output folder")
+    add_device(q)
     q.set_defaults(func=_cmd_train_vae)
 
     q = rs.add_parser("train", help="train the diffusion cascade on paired RNA + tiles",
@@ -538,10 +557,16 @@ def add_cli(sub) -> None:
     q.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     q.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     q.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights, 0 = off (default 0.99)")
-    q.add_argument("--resume", default=None, help="continue from a cascade.safetensors of the same preset")
+    add_resume(q, "continue an interrupted run from OUT/checkpoint (same data and options): the parameters end as "
+               "an uninterrupted run's")
+    q.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    q.add_argument("--init", default=None, metavar="CASCADE",
+                   help="start from the weights of a cascade.safetensors of the same preset (with --resume, the "
+                   "checkpoint's weights replace them)")
     q.add_argument("--sample-key", default=None, help="obs column with sample ids (default obs_names)")
     q.add_argument("--allow-unmatched", action="store_true", help="skip samples without tiles and folders without RNA")
     common(q, "output folder")
+    add_device(q)
     q.set_defaults(func=_cmd_train)
 
     def sampling(q):
@@ -554,6 +579,7 @@ def add_cli(sub) -> None:
                        help="sampler (default dpmsolver++)")
         q.add_argument("--steps", type=int, default=25, help="sampler steps per stage (default 25)")
         q.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+        add_device(q)
 
     q = rs.add_parser("sample", help="generate tiles for the RNA profiles of an .h5ad",
                       description="Encode each sample's RNA and generate tiles; writes <out>/<sample>/*.png and grid.png.")
@@ -561,6 +587,7 @@ def add_cli(sub) -> None:
     q.add_argument("--samples", nargs="+", default=None, help="sample ids to generate for (default all)")
     sampling(q)
     common(q, "output folder")
+    add_no_progress(q)
     q.set_defaults(func=_cmd_sample)
 
     q = rs.add_parser("evaluate", help="FID/KID and composition fidelity of generated tiles",
@@ -602,5 +629,6 @@ def add_cli(sub) -> None:
     q.add_argument("--no-downstream", action="store_true", help="skip the synthetic-pretraining test of a tile classifier")
     q.add_argument("--downstream-samples", type=int, default=60,
                    help="new simulated samples whose real tiles the downstream test cross-validates on (default 60)")
+    add_device(q)
     common(q, "output folder")
     q.set_defaults(func=_cmd_demo)

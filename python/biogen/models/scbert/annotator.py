@@ -93,10 +93,10 @@ class ScBERTAnnotator:
                      "seed": self.seed, "unassigned_threshold": self.unassigned_threshold})
 
     @classmethod
-    def load(cls, path: str) -> "ScBERTAnnotator":
+    def load(cls, path: str, device=None) -> "ScBERTAnnotator":
         with open(os.path.join(path, "annotator.json"), encoding="utf-8") as f:
             meta = json.load(f)
         self = cls(meta["preset"], epochs=meta["epochs"], pretrain_epochs=meta["pretrain_epochs"], seed=meta["seed"],
                    unassigned_threshold=meta["unassigned_threshold"])
-        self.model = ScBERT.load(os.path.join(path, "model"))
+        self.model = ScBERT.load(os.path.join(path, "model"), device=device)
         return self

