@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cliargs import add_out, add_seed, command_group
+
 __all__ = ["add_cli"]
 
 
@@ -91,16 +93,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "tabular",
+    tsub = command_group(
+        sub, "tabular", metavar="SUBCOMMAND",
         help="multifactorial analysis of health outcomes (factor analysis, L1 Poisson, boosting)",
         description="Study a count outcome (e.g. hospitalisations) against socio-economic indices and "
         "pollutants: factor analysis of an index block, L1-penalised Poisson regression with "
         "cross-validated strength and bootstrap selection frequency, and Poisson gradient boosting "
         "with permutation importance and partial dependence.",
     )
-    tsub = p.add_subparsers(dest="tabular_command", metavar="SUBCOMMAND")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     a = tsub.add_parser(
         "analyze", help="analyse one or more CSV files and write tables, plots and report.md",
@@ -134,10 +134,8 @@ def add_cli(sub) -> None:
                    help="bootstrap refits for selection frequency and intervals (default 100; 0 skips)")
     a.add_argument("--top-k", type=int, default=4, help="partial-dependence plots for the top K variables (default 4)")
     a.add_argument("--strict-join", action="store_true", help="fail instead of reporting unmatched keys")
-    a.add_argument("--seed", type=int, default=0, help="random seed for folds, bootstrap and boosting")
-    a.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
-    a.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty output folder, replacing files of the same name")
+    add_seed(a, "random seed for folds, bootstrap and boosting (default 0)")
+    add_out(a, "output folder (must be empty or absent unless --overwrite, which replaces files of the same name)")
     a.set_defaults(func=_cmd_analyze)
 
     d = tsub.add_parser(
@@ -147,11 +145,10 @@ def add_cli(sub) -> None:
         "linear, temperature U-shaped, no2/co/so2 noise, no2 collinear with pm25), write them and the "
         "truth to DIR/data, and analyse them as `analyze` would.",
     )
-    d.add_argument("--out", default="biogen-tabular-demo", metavar="DIR",
-                   help="output folder (default ./biogen-tabular-demo; must be empty or absent)")
-    d.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    add_out(d, "output folder (default ./biogen-tabular-demo; must be empty or absent unless --overwrite)",
+            default="biogen-tabular-demo")
     d.add_argument("--n-regions", type=int, default=80, help="regions (default 80)")
     d.add_argument("--n-years", type=int, default=5, help="years per region (default 5)")
     d.add_argument("--n-bootstrap", type=int, default=100, help="bootstrap refits (default 100)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the generator and the analysis")
+    add_seed(d, "seed of the generator and the analysis (default 0)")
     d.set_defaults(func=_cmd_demo)
