@@ -229,11 +229,12 @@ class _SavedWithSkops:
 
 
 class LogRegAnnotator(_SavedWithSkops):
-    """Logistic regression on log-normalised, scaled HVGs: the strong simple baseline."""
+    """Logistic regression on log-normalised, scaled HVGs: the strong simple baseline. C = 1: the
+    choice of ``benchmarks/sweep_annotation_recipe.py`` among 0.01, 0.1 and 1."""
 
     name = "logreg"
 
-    def __init__(self, n_top_genes: int = 2000, C: float = 0.1, max_iter: int = 2000, seed: int = 0):
+    def __init__(self, n_top_genes: int = 2000, C: float = 1.0, max_iter: int = 2000, seed: int = 0):
         self.features = _LogNormHVG(n_top_genes)
         self.C, self.max_iter, self.seed = C, max_iter, seed
 
@@ -323,13 +324,13 @@ class RandomForestAnnotator(_SklearnOnHVG):
 
 class LinearSVMAnnotator(_SklearnOnHVG):
     """Linear support-vector machine (one-vs-rest, squared hinge) on the logistic regression's
-    features. It gives labels, not probabilities (``Prediction.proba`` is None). C = 0.01: a thousand
-    standardised genes and a few hundred cells want strong regularisation (the logistic regression's
-    C is 0.1 for the same reason); ``benchmarks/sweep_annotation_recipe.py`` compares 0.001 to 1."""
+    features. It gives labels, not probabilities (``Prediction.proba`` is None). C = 0.001: a thousand
+    standardised genes and a few hundred cells want strong regularisation; the choice of
+    ``benchmarks/sweep_annotation_recipe.py`` among 0.001 to 1."""
 
     name = "svm"
 
-    def __init__(self, n_top_genes: int = 2000, C: float = 0.01, max_iter: int = 5000, seed: int = 0):
+    def __init__(self, n_top_genes: int = 2000, C: float = 0.001, max_iter: int = 5000, seed: int = 0):
         super().__init__(n_top_genes, seed)
         self.C, self.max_iter = C, max_iter
 
