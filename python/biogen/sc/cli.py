@@ -8,7 +8,7 @@ from ..cliargs import add_device, add_no_progress, add_out, add_seed, command_gr
 from ..errors import IncompatibleError, InputError, OutputExistsError
 
 # The demo's repeats: paired splits enough for a t-test with 4 degrees of freedom; the demo then takes about
-# 10 min on 2 cores (1,217 s of CPU time measured; scGPT's training is most of it).
+# 8 min on 2 idle cores (466 s wall, 907 s of CPU time measured; scGPT's training is most of it).
 DEMO_REPEATS = 5
 
 #: ``manifest.json`` format of the folders ``annotate train`` writes (see :mod:`biogen._io`)
