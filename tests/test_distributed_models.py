@@ -99,11 +99,22 @@ def test_vae_two_processes_take_the_ghost_batch_step(rna, vae_two):
     loss.backward()
     opt.step()
     got = enc.module.state_dict()
+    # A Linear bias right before a training-mode BatchNorm has a zero gradient, so its float gradient is
+    # rounding noise, and Adam's first step (lr * g / (|g| + eps)) turns that noise into a step of up
+    # to lr whose sign and size depend on the reduction order (thread count): those are only bounded.
+    noise = {f"{name}.{i}.bias" for name, m in ref.named_modules() if isinstance(m, torch.nn.Sequential)
+             for i in range(len(m) - 1)
+             if isinstance(m[i], torch.nn.Linear) and isinstance(m[i + 1], torch.nn.BatchNorm1d)}
+    noise = {k.lstrip(".") for k in noise}
     params = {k for k, _ in ref.named_parameters()}
-    _assert_same({k: v for k, v in ref.state_dict().items() if k in params},
-                 {k: v for k, v in got.items() if k in params}, 2e-6, "VAE")
+    assert noise and noise < params
     init = dict(rank0_only.named_parameters())
-    assert all(not torch.allclose(got[k], init[k], atol=1e-4) for k in params)  # every weight moved (lr 1e-2)
+    for k in noise:
+        assert float((got[k] - init[k]).abs().max()) <= 1e-2 * (1 + 1e-5), k
+    exact = params - noise
+    _assert_same({k: v for k, v in ref.state_dict().items() if k in exact},
+                 {k: v for k, v in got.items() if k in exact}, 2e-6, "VAE")
+    assert all(not torch.allclose(got[k], init[k], atol=1e-4) for k in exact)  # every weight moved (lr 1e-2)
     # the running statistics are rank 0's: its half of the batch only
     with torch.no_grad():
         rank0_only.train()(xtr[perm[halves[0]]], eps=eps[halves[0]])
