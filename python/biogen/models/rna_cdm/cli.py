@@ -505,7 +505,7 @@ def _cmd_demo(args) -> int:
              tiles_per_sample=args.tiles_per_sample, eval_tiles_per_sample=args.eval_tiles, steps=args.steps,
              sr_steps=args.sr_steps, guidance_scale=args.guidance, seed=args.seed, overwrite=args.overwrite,
              downstream=not args.no_downstream, downstream_samples=args.downstream_samples,
-             device=resolve_device(args.device))
+             downstream_label=args.downstream_label, device=resolve_device(args.device))
     return 0
 
 
@@ -629,6 +629,8 @@ def add_cli(sub) -> None:
     q.add_argument("--no-downstream", action="store_true", help="skip the synthetic-pretraining test of a tile classifier")
     q.add_argument("--downstream-samples", type=int, default=60,
                    help="new simulated samples whose real tiles the downstream test cross-validates on (default 60)")
+    q.add_argument("--downstream-label", default="cancer_type", choices=["cancer_type", "dominant_cell_type"],
+                   help="what the downstream tile classifier predicts (default cancer_type)")
     add_device(q)
     common(q, "output folder")
     q.set_defaults(func=_cmd_demo)
