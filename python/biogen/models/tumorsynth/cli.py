@@ -47,12 +47,10 @@ def _cmd_sample(args) -> int:
     import torch
 
     from ...data.images import save_grid
-    from ...errors import InputError
-    from .training import load_generator, sample
-
     from pathlib import Path
 
-    from ...errors import OutputExistsError
+    from ...errors import InputError, OutputExistsError
+    from .training import load_generator, sample
 
     if Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError("exists", path=args.out, hint="choose another --out, or pass --overwrite to replace it")
