@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 from .errors import CorruptFileError, IncompatibleError, MissingFileError, OutputExistsError
 
 __all__ = ["MANIFEST", "check_file", "read_json", "read_h5ad", "read_csv", "check_safetensors", "load_safetensors", "safetensors_metadata",
-           "save_safetensors", "load_safetensors_verified", "torch_load", "write_manifest", "verify_folder", "check_output_dir", "replacing_dir", "swap_in"]
+           "save_safetensors", "load_safetensors_verified", "torch_load", "write_manifest", "verify_folder", "check_output_dir", "check_output_file", "replacing_dir", "swap_in"]
 
 MANIFEST = "manifest.json"
 _ST_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
@@ -290,6 +290,14 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputExistsError("exists and is not a folder", path=path, hint="choose a folder name for --out")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputExistsError("is not empty", path=path, hint="choose another --out, or pass --overwrite to replace it")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output file that exists and may not be replaced; returns the path."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError("exists", path=path, hint="choose another --out, or pass --overwrite to replace it")
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cliargs import add_device, add_no_progress, add_out, add_seed, command_group
-from ..errors import IncompatibleError, InputError, OutputExistsError
+from ..errors import IncompatibleError, InputError
 
 # The demo's repeats: paired splits enough for a t-test with 4 degrees of freedom; the demo then takes about
 # 8 min on 2 idle cores (466 s wall, 907 s of CPU time measured; scGPT's training is most of it).
@@ -123,9 +123,9 @@ def _cmd_train(args) -> int:
 
     if args.model not in ANNOTATORS:
         raise InputError(f"unknown model {args.model!r}; available: {sorted(ANNOTATORS)}")
-    from ..cliargs import resolve_device
-
-    resolve_device(args.device)  # an unusable --device fails before the data is read
+    opts = {"seed": args.seed}
+    if args.model in TRANSFORMERS:  # resolves --device: an unusable one fails before the data is read
+        opts.update(_transformer_opts(args), progress=not args.no_progress)
     adata = _read_h5ad(args.h5ad)
     check_label_key(adata, args.label_key)
     check_counts(adata, layer=args.layer)
@@ -136,9 +136,6 @@ def _cmd_train(args) -> int:
     if bdist.is_main():
         check_output_dir(out, overwrite=args.overwrite)  # before training, not after
     bdist.barrier()
-    opts = {"seed": args.seed}
-    if args.model in TRANSFORMERS:
-        opts.update(_transformer_opts(args), progress=not args.no_progress)
     model = ANNOTATORS[args.model](**opts)
     with on_interrupt(lambda: f"no model was saved and {out} is as it was; run the same command again "
                               "to train from the start"):
@@ -182,14 +179,14 @@ def load_annotator(model_dir, device=None):
 
 
 def _cmd_predict(args) -> int:
+    from .._io import check_output_file
     from ..utils import atomic_path
     from .benchmark import check_unique_genes
 
     out = Path(args.out)
     if out.resolve() == Path(args.h5ad).resolve():
         raise InputError("--out must differ from --h5ad: biogen never overwrites your input", path=out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError("exists", path=out, hint="choose another --out, or pass --overwrite to replace it")
+    check_output_file(out, args.overwrite)
     from ..cliargs import resolve_device
 
     name, meta, model = load_annotator(args.model_dir, device=resolve_device(args.device))

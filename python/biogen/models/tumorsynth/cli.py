@@ -47,13 +47,11 @@ def _cmd_sample(args) -> int:
     import torch
 
     from ...data.images import save_grid
-    from pathlib import Path
-
-    from ...errors import InputError, OutputExistsError
+    from ..._io import check_output_file
+    from ...errors import InputError
     from .training import load_generator, sample
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError("exists", path=args.out, hint="choose another --out, or pass --overwrite to replace it")
+    check_output_file(args.out, args.overwrite)
     G, _ = load_generator(args.run, best=not args.last)
     labels = None
     if args.label is not None:
