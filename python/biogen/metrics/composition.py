@@ -100,7 +100,7 @@ def plot_composition(counted: np.ndarray, intended: np.ndarray, cell_types: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_path
+    from ..utils import save_figure
 
     c, t = np.asarray(counted), np.asarray(intended)
     k = len(cell_types)
@@ -114,9 +114,4 @@ def plot_composition(counted: np.ndarray, intended: np.ndarray, cell_types: Sequ
         if j == 0:
             ax.set_ylabel("counted (tile)", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

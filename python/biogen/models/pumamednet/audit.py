@@ -188,7 +188,7 @@ def plot_audit(report: AuditReport, path: str | Path, *, image: Optional[torch.T
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...utils import atomic_path
+    from ...utils import save_figure
 
     regs = [it for it in report.items if it.kind == "region"]
     show_map = image is not None and bool(regs)
@@ -212,9 +212,4 @@ def plot_audit(report: AuditReport, path: str | Path, *, image: Optional[torch.T
         fig.colorbar(im, ax=ax2, fraction=0.046)
         ax2.set_title("region flip rate")
         ax2.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

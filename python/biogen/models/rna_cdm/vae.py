@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...checkpoint import load_training_state, save_training_state
-from ...utils import atomic_path
+from ...utils import save_figure
 
 __all__ = ["RNAVAE", "RNAVAEConfig", "RNAEncoder", "VAETrainConfig", "VAEHistory", "kl_divergence",
            "plot_latents", "stratified_split"]
@@ -494,9 +494,4 @@ def plot_latents(z: np.ndarray, labels: Sequence, path: str | Path, method: str 
     ax.set_ylabel(f"{method.upper()} 2")
     ax.set_title(title)
     ax.legend(markerscale=2, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ...utils import atomic_path, write_json
+from ...utils import save_figure, write_json
 
 log = logging.getLogger("biogen.tumorsynth")
 
@@ -116,10 +116,7 @@ def _plot_history(history: list[EpochRecord], path: Path) -> None:
     axes[2].plot(ep, [h.diversity for h in history], "o-")
     axes[2].axhline(1.0, color="gray", ls="--", lw=1)
     axes[2].set(title="sample diversity / real diversity\n(well below 1: mode collapse)", xlabel="epoch")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def default_extractor(images: np.ndarray, labels: Optional[np.ndarray], seed: int = 0):
